@@ -1,0 +1,2 @@
+"""placeholder"""
+from dtoolcore.storagebroker import DiskStorageBroker  # noqa: F401

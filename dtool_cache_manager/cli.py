@@ -1,0 +1,5 @@
+import click
+
+@click.group()
+def cache():
+    """Inspect and clean the dtool item cache."""
