@@ -1,0 +1,109 @@
+"""The Python API of the user's spec.
+
+Every function takes ``cache_dir=None``, meaning dtool's configured cache, and the dataset
+``uri`` as the user gave it (normalised with ``dtoolcore.utils.sanitise_uri``).  Readers fold
+pending journals into the ledger first, so the numbers include accesses made a moment ago by
+processes that are still running.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import time
+from contextlib import contextmanager
+from typing import Iterator, List, Optional
+
+from dtoolcore.utils import sanitise_uri
+
+from . import executor, scan, tracking
+from .holds import holders_of
+from .layout import MetaPaths, resolve_cache_dir
+from .ledger import ItemRow, Ledger
+
+logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def open_ledger(cache_dir: Optional[str] = None) -> Iterator[Ledger]:
+    """The ledger with every journal folded in; read-only (in memory) if we may not write."""
+    paths = MetaPaths(resolve_cache_dir(cache_dir))
+    readonly = not _writable(paths)
+    ledger = Ledger(paths, readonly=readonly)
+    try:
+        ledger.compact()
+        yield ledger
+    finally:
+        ledger.close()
+
+
+def _writable(paths: MetaPaths) -> bool:
+    target = paths.meta_dir if os.path.isdir(paths.meta_dir) else paths.cache_dir
+    return os.access(target, os.W_OK)
+
+
+def _rows(uri: str, identifier: str, cache_dir: Optional[str]) -> List[ItemRow]:
+    with open_ledger(cache_dir) as ledger:
+        return ledger.items_for(sanitise_uri(uri), identifier)
+
+
+def num_times_accessed(uri: str, identifier: str, cache_dir: Optional[str] = None) -> int:
+    """How many times the item was accessed through the cache (hits + misses); 0 if never."""
+    return sum(r.access_count for r in _rows(uri, identifier, cache_dir))
+
+
+def last_time_accessed(uri: str, identifier: str,
+                       cache_dir: Optional[str] = None) -> Optional[_dt.datetime]:
+    """When the item was last accessed (UTC, timezone-aware), or None if never."""
+    times = [r.last_access for r in _rows(uri, identifier, cache_dir) if r.last_access]
+    if not times:
+        return None
+    return _dt.datetime.fromtimestamp(max(times), tz=_dt.timezone.utc)
+
+
+def num_days_since_last_accessed(uri: str, identifier: str,
+                                 cache_dir: Optional[str] = None) -> Optional[float]:
+    """Days (fractional) since the last access, or None if never accessed."""
+    last = last_time_accessed(uri, identifier, cache_dir)
+    if last is None:
+        return None
+    return (time.time() - last.timestamp()) / 86400.0
+
+
+def cache_item_lock_counter(uri: str, identifier: str, cache_dir: Optional[str] = None) -> int:
+    """Number of live processes holding the item; a killed process stops counting at once."""
+    paths = MetaPaths(resolve_cache_dir(cache_dir))
+    return len(holders_of(paths, identifier, uri=sanitise_uri(uri)))
+
+
+def remove_cache_item_safely(uri: str, identifier: str, cache_dir: Optional[str] = None) -> bool:
+    """Remove the item's cached file and ledger row unless a live process holds it.
+
+    Returns True if a file was removed.  The check and the unlink happen under the item's
+    exclusive gate, so no access can take a hold in between.
+    """
+    uri = sanitise_uri(uri)
+    with open_ledger(cache_dir) as ledger:
+        rows = ledger.items_for(uri, identifier)
+        outcomes = [executor.remove_item(ledger, row, uri=uri) for row in rows]
+    return any(o.removed for o in outcomes)
+
+
+def release(uri: str, identifier: str, cache_dir: Optional[str] = None) -> int:
+    """Stop this process holding the item, so a cleaner may take it; returns holds released."""
+    return tracking.release(resolve_cache_dir(cache_dir), sanitise_uri(uri), identifier)
+
+
+hold_scope = tracking.hold_scope
+
+
+def cache_size(cache_dir: Optional[str] = None) -> int:
+    """Bytes of cached item files on disk (partial downloads included, our bookkeeping not)."""
+    result = scan.scan_cache(resolve_cache_dir(cache_dir))
+    return result.total_size_bytes
+
+
+def cache_num_items(cache_dir: Optional[str] = None) -> int:
+    """Number of complete cached item files on disk."""
+    return len(scan.scan_cache(resolve_cache_dir(cache_dir)).files)

@@ -1,0 +1,144 @@
+"""Per-process, append-only access journals: the hot path's only write.
+
+Each access appends one JSON line with a single ``os.write`` on an ``O_APPEND`` descriptor
+(about 4 µs, no lock, no fsync), so processes never contend and a crash loses at most the
+line being written.  The ledger folds journals in later, in batches, as Cargo's global cache
+tracker defers its last-use writes.  Lines are plain JSON: anyone can read them, and nothing
+is ever unpickled.
+
+Record kinds (first element of each line)::
+
+    ["j", version, user, host, pid, started]                       header
+    ["a", relpath, uri, uuid, identifier, scheme, t_us, miss, size, mtime_us, fetch_us]
+    ["m", relpath, item_relpath, manifest_size, manifest_hash]     once per item per process
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Tuple
+
+from .layout import Identity, MetaPaths, ensure_dir
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SUFFIX = ".jsonl"
+
+
+@dataclass(frozen=True)
+class AccessRecord:
+    """One access as the journal stores it."""
+
+    user: str
+    host: str
+    t: float
+    relpath: str
+    uri: str
+    uuid: str
+    identifier: str
+    scheme: str
+    miss: bool
+    size: int
+    mtime: float
+    fetch_seconds: float
+
+
+@dataclass(frozen=True)
+class ManifestRecord:
+    """What the dataset manifest says an item should be, so verify needs no network."""
+
+    relpath: str
+    item_relpath: Optional[str]
+    manifest_size: Optional[int]
+    manifest_hash: Optional[str]
+
+
+class JournalWriter:
+    """This process's journal in one cache directory."""
+
+    def __init__(self, paths: MetaPaths, identity: Identity, token: str):
+        ensure_dir(paths.journal_dir)
+        self.path = os.path.join(paths.journal_dir, token + SUFFIX)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                           0o666)
+        header = ["j", FORMAT_VERSION, identity.user, identity.host, identity.pid, time.time()]
+        os.write(self._fd, (json.dumps(header) + "\n").encode())
+
+    def describe(self, relpath: str, uri: str, uuid: str, identifier: str, scheme: str,
+                 manifest: Optional[ManifestRecord]) -> bytes:
+        """Write the item's manifest facts once; return the line prefix for its accesses.
+
+        The caller keeps the prefix, so that each access only formats five numbers.
+        """
+        if manifest is not None:
+            self._write(json.dumps(["m", manifest.relpath, manifest.item_relpath,
+                                    manifest.manifest_size, manifest.manifest_hash]) + "\n")
+        return ('["a",' + json.dumps([relpath, uri, uuid, identifier, scheme])[1:-1]
+                + ",").encode("utf-8", "surrogateescape")
+
+    def record_access(self, prefix: bytes, t: float, miss: bool, size: int, mtime: float,
+                      fetch_seconds: float) -> None:
+        """One access, one ``os.write``: a crash loses at most this line."""
+        # Integers (µs) format in half the time of floats.
+        os.write(self._fd, prefix + b"%d,%d,%d,%d,%d]\n"
+                 % (t * 1e6, miss, size, mtime * 1e6, fetch_seconds * 1e6))
+
+    def _write(self, line: str) -> None:
+        os.write(self._fd, line.encode("utf-8", "surrogateescape"))
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def parse_journal(data: bytes, user: str = "?", host: str = "?") -> Tuple[List[object], int]:
+    """Records from ``data`` and the number of bytes consumed.
+
+    ``user`` and ``host`` attribute the records when ``data`` starts after the header.
+
+    A trailing line without its newline is a write still in progress (or torn by a crash),
+    so it is left for the next pass rather than consumed.
+    """
+    end = data.rfind(b"\n") + 1
+    records: List[object] = []
+    for raw in data[:end].split(b"\n"):
+        if not raw:
+            continue
+        try:
+            rec = json.loads(raw.decode("utf-8", "surrogateescape"))
+            kind = rec[0]
+            if kind == "j":
+                user, host = rec[2], rec[3]
+            elif kind == "a":
+                records.append(AccessRecord(user, host, rec[6] / 1e6, rec[1], rec[2], rec[3],
+                                            rec[4], rec[5], bool(rec[7]), int(rec[8]),
+                                            rec[9] / 1e6, rec[10] / 1e6))
+            elif kind == "m":
+                records.append(ManifestRecord(rec[1], rec[2], rec[3], rec[4]))
+        except (ValueError, IndexError, TypeError, KeyError):
+            logger.warning("dtool-cache-manager: skipping a malformed journal line: %r",
+                           raw[:200])
+    return records, end
+
+
+def read_header(path: str) -> Tuple[str, str]:
+    """(user, host) from a journal's first line; the header is needed to attribute a resumed read."""
+    with open(path, "rb") as fh:
+        first = fh.readline()
+    rec = json.loads(first.decode("utf-8", "surrogateescape"))
+    return rec[2], rec[3]
+
+
+def iter_journals(paths: MetaPaths) -> Iterator[Tuple[str, str]]:
+    """(token, path) of every journal file."""
+    try:
+        names = os.listdir(paths.journal_dir)
+    except FileNotFoundError:
+        return
+    for name in sorted(names):
+        if name.endswith(SUFFIX):
+            yield name[: -len(SUFFIX)], os.path.join(paths.journal_dir, name)

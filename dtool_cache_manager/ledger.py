@@ -1,0 +1,382 @@
+"""The usage ledger: one SQLite file per cache directory, fed from the access journals.
+
+Why SQLite in WAL mode: readers never block the compactor or each other, a transaction makes
+each batch of journal lines count exactly once (the journal offset is committed with the
+counts), and its rows are plain SQL that anyone can query.  The hot path never opens it; see
+:mod:`journal` and ``docs/design.rst``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+
+from . import holds, journal
+from .layout import MetaPaths, ensure_dir
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    relpath TEXT PRIMARY KEY,
+    uuid TEXT NOT NULL,
+    identifier TEXT NOT NULL,
+    scheme TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL DEFAULT 0,
+    first_cached REAL,
+    last_access REAL,
+    hits INTEGER NOT NULL DEFAULT 0,
+    misses INTEGER NOT NULL DEFAULT 0,
+    fetch_seconds REAL NOT NULL DEFAULT 0,
+    item_relpath TEXT,
+    manifest_size INTEGER,
+    manifest_hash TEXT
+);
+CREATE INDEX IF NOT EXISTS items_by_identifier ON items (identifier, uuid);
+CREATE INDEX IF NOT EXISTS items_by_last_access ON items (last_access);
+CREATE TABLE IF NOT EXISTS item_uris (
+    relpath TEXT NOT NULL, uri TEXT NOT NULL, PRIMARY KEY (relpath, uri)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS item_uris_by_uri ON item_uris (uri);
+CREATE TABLE IF NOT EXISTS item_users (
+    relpath TEXT NOT NULL, user TEXT NOT NULL,
+    hits INTEGER NOT NULL DEFAULT 0, misses INTEGER NOT NULL DEFAULT 0,
+    last_access REAL,
+    PRIMARY KEY (relpath, user)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS usage (
+    hour INTEGER NOT NULL, relpath TEXT NOT NULL, user TEXT NOT NULL, uri TEXT NOT NULL,
+    uuid TEXT NOT NULL, identifier TEXT NOT NULL,
+    hits INTEGER NOT NULL DEFAULT 0, misses INTEGER NOT NULL DEFAULT 0,
+    hit_bytes INTEGER NOT NULL DEFAULT 0, fetch_seconds REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (hour, relpath, user, uri)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS removals (relpath TEXT PRIMARY KEY, removed_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS journals (token TEXT PRIMARY KEY, offset INTEGER NOT NULL);
+"""
+
+
+class LedgerError(Exception):
+    """The ledger cannot be opened or written."""
+
+
+@dataclass(frozen=True)
+class ItemRow:
+    """One cached file as the ledger knows it."""
+
+    relpath: str
+    uuid: str
+    identifier: str
+    scheme: str
+    size_bytes: int
+    first_cached: Optional[float]
+    last_access: Optional[float]
+    hits: int
+    misses: int
+    fetch_seconds: float
+    item_relpath: Optional[str]
+    manifest_size: Optional[int]
+    manifest_hash: Optional[str]
+
+    @property
+    def access_count(self) -> int:
+        return self.hits + self.misses
+
+
+_ITEM_COLUMNS = ", ".join(ItemRow.__dataclass_fields__)
+
+
+class _Batch:
+    """Journal records folded in memory, so one compaction issues one statement per row."""
+
+    def __init__(self, removed_at: Dict[str, float]):
+        self.removed_at = removed_at
+        self.items: Dict[str, list] = {}
+        self.uris: set = set()
+        self.users: Dict[Tuple[str, str], list] = {}
+        self.usage: Dict[Tuple[int, str, str, str], list] = {}
+        self.manifests: Dict[str, journal.ManifestRecord] = {}
+
+    def add(self, rec) -> None:
+        if isinstance(rec, journal.ManifestRecord):
+            self.manifests[rec.relpath] = rec
+            return
+        user = f"{rec.user}@{rec.host}"
+        hit, miss = (0, 1) if rec.miss else (1, 0)
+        use = self.usage.setdefault((int(rec.t // 3600), rec.relpath, user, rec.uri),
+                                    [rec.uuid, rec.identifier, 0, 0, 0, 0.0])
+        use[2] += hit
+        use[3] += miss
+        use[4] += rec.size * hit
+        use[5] += rec.fetch_seconds * miss
+        if rec.t <= self.removed_at.get(rec.relpath, float("-inf")):
+            return  # the file this access saw has since been removed; keep only history
+        item = self.items.get(rec.relpath)
+        if item is None:
+            item = self.items[rec.relpath] = [rec.uuid, rec.identifier, rec.scheme, rec.size,
+                                              rec.mtime, rec.t, 0, 0, 0.0, rec.t]
+        if rec.t >= item[9]:
+            item[3], item[9] = rec.size, rec.t  # size as of the latest access
+        item[4] = min(item[4], rec.mtime)
+        item[5] = max(item[5], rec.t)
+        item[6] += hit
+        item[7] += miss
+        item[8] += rec.fetch_seconds * miss
+        self.uris.add((rec.relpath, rec.uri))
+        who = self.users.setdefault((rec.relpath, user), [0, 0, rec.t])
+        who[0] += hit
+        who[1] += miss
+        who[2] = max(who[2], rec.t)
+
+
+class Ledger:
+    """A connection to one cache directory's ledger."""
+
+    def __init__(self, paths: MetaPaths, readonly: bool = False, timeout: float = 30.0):
+        self.paths = paths
+        self.readonly = readonly
+        self.timeout = timeout
+        self.conn = self._open()
+
+    # -- opening, corruption and schema ------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        path = self.paths.ledger
+        if self.readonly:
+            if not os.path.exists(path):
+                return self._memory()
+            # A read-only member folds pending journals into a private in-memory copy.
+            source = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=self.timeout,
+                                     isolation_level=None)
+            try:
+                self._check_version(source)
+                conn = sqlite3.connect(":memory:", isolation_level=None)
+                source.backup(conn)
+            finally:
+                source.close()
+            return conn
+        ensure_dir(self.paths.meta_dir)
+        try:
+            return self._open_writable(path)
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and not _is_corruption(exc):
+                raise LedgerError(f"cannot open ledger {path}: {exc}") from exc
+            aside = _move_aside(path)
+            logger.warning("dtool-cache-manager: ledger %s is unreadable (%s); moved it to %s "
+                           "and started a new one (no cached file was touched)", path, exc, aside)
+            return self._open_writable(path)
+
+    @staticmethod
+    def _memory() -> sqlite3.Connection:
+        conn = sqlite3.connect(":memory:", isolation_level=None)
+        conn.executescript(_SCHEMA)
+        return conn
+
+    def _open_writable(self, path: str) -> sqlite3.Connection:
+        conn = sqlite3.connect(path, timeout=self.timeout, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(
+                "BEGIN IMMEDIATE;" + _SCHEMA
+                + f"INSERT OR IGNORE INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');"
+                + "COMMIT;")
+            self._check_version(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @staticmethod
+    def _check_version(conn: sqlite3.Connection) -> None:
+        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is not None and int(row[0]) > SCHEMA_VERSION:
+            raise LedgerError(f"ledger schema {row[0]} is newer than this dtool-cache-manager "
+                              f"understands ({SCHEMA_VERSION}); upgrade dtool-cache-manager")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    # -- compaction --------------------------------------------------------------------
+
+    def compact(self, only_token: Optional[str] = None) -> int:
+        """Fold journals into the ledger; returns the number of access records applied.
+
+        Journals of dead processes are deleted once folded in.  Read-only ledgers fold into
+        their in-memory view without deleting anything.
+        """
+        finished: List[Tuple[str, str]] = []
+        applied = 0
+        with self._transaction() if not self.readonly else _nothing() as conn:
+            conn = conn or self.conn
+            offsets = dict(conn.execute("SELECT token, offset FROM journals"))
+            removed_at = dict(conn.execute("SELECT relpath, removed_at FROM removals"))
+            batch = _Batch(removed_at)
+            for token, path in journal.iter_journals(self.paths):
+                if only_token is not None and token != only_token:
+                    continue
+                alive = only_token is None and _journal_owner_alive(self.paths, token)
+                offset = offsets.get(token, 0)
+                try:
+                    with open(path, "rb") as fh:
+                        user, host = journal.read_header(path) if offset else ("?", "?")
+                        fh.seek(offset)
+                        data = fh.read()
+                except (FileNotFoundError, ValueError, IndexError):
+                    continue
+                records, consumed = journal.parse_journal(data, user, host)
+                for rec in records:
+                    batch.add(rec)
+                applied += sum(isinstance(r, journal.AccessRecord) for r in records)
+                if not self.readonly:
+                    conn.execute("INSERT OR REPLACE INTO journals VALUES (?, ?)",
+                                 (token, offset + consumed))
+                if not alive:
+                    finished.append((token, path))
+            self._apply(conn, batch)
+        if not self.readonly and finished:
+            for token, path in finished:
+                _unlink_quietly(path)
+            with self._transaction() as conn:
+                conn.executemany("DELETE FROM journals WHERE token = ?",
+                                 [(t,) for t, _ in finished])
+        return applied
+
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, batch: _Batch) -> None:
+        conn.executemany(
+            """INSERT INTO items (relpath, uuid, identifier, scheme, size_bytes, first_cached,
+                                  last_access, hits, misses, fetch_seconds)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (relpath) DO UPDATE SET
+                 uuid = excluded.uuid, identifier = excluded.identifier,
+                 scheme = excluded.scheme,
+                 size_bytes = CASE WHEN excluded.last_access >= coalesce(last_access, 0)
+                                   THEN excluded.size_bytes ELSE size_bytes END,
+                 first_cached = min(coalesce(first_cached, excluded.first_cached),
+                                    excluded.first_cached),
+                 last_access = max(coalesce(last_access, 0), excluded.last_access),
+                 hits = hits + excluded.hits, misses = misses + excluded.misses,
+                 fetch_seconds = fetch_seconds + excluded.fetch_seconds""",
+            [(relpath, *v[:9]) for relpath, v in batch.items.items()])
+        conn.executemany("INSERT OR IGNORE INTO item_uris VALUES (?, ?)", batch.uris)
+        conn.executemany(
+            """INSERT INTO item_users VALUES (?, ?, ?, ?, ?)
+               ON CONFLICT (relpath, user) DO UPDATE SET
+                 hits = hits + excluded.hits, misses = misses + excluded.misses,
+                 last_access = max(coalesce(last_access, 0), excluded.last_access)""",
+            [(relpath, user, *v) for (relpath, user), v in batch.users.items()])
+        conn.executemany(
+            """INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (hour, relpath, user, uri) DO UPDATE SET
+                 hits = hits + excluded.hits, misses = misses + excluded.misses,
+                 hit_bytes = hit_bytes + excluded.hit_bytes,
+                 fetch_seconds = fetch_seconds + excluded.fetch_seconds""",
+            [(*key, *v) for key, v in batch.usage.items()])
+        conn.executemany(
+            """UPDATE items SET item_relpath = ?, manifest_size = ?, manifest_hash = ?
+               WHERE relpath = ?""",
+            [(m.item_relpath, m.manifest_size, m.manifest_hash, m.relpath)
+             for m in batch.manifests.values()])
+
+    # -- queries -----------------------------------------------------------------------
+
+    def items(self) -> List[ItemRow]:
+        return [ItemRow(*r) for r in self.conn.execute(f"SELECT {_ITEM_COLUMNS} FROM items")]
+
+    def item(self, relpath: str) -> Optional[ItemRow]:
+        row = self.conn.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE relpath = ?",
+                                (relpath,)).fetchone()
+        return ItemRow(*row) if row else None
+
+    def items_for(self, uri: str, identifier: str) -> List[ItemRow]:
+        """Rows of the files that (uri, identifier) was served from."""
+        cols = ", ".join(f"items.{c}" for c in ItemRow.__dataclass_fields__)
+        return [ItemRow(*r) for r in self.conn.execute(
+            f"""SELECT {cols} FROM items JOIN item_uris USING (relpath)
+                WHERE item_uris.uri = ? AND items.identifier = ?""", (uri, identifier))]
+
+    def uris_of(self, relpath: str) -> List[str]:
+        return [r[0] for r in self.conn.execute(
+            "SELECT uri FROM item_uris WHERE relpath = ? ORDER BY uri", (relpath,))]
+
+    def users_of(self, relpath: str) -> Dict[str, Tuple[int, int, float]]:
+        """user@host -> (hits, misses, last_access)."""
+        return {r[0]: (r[1], r[2], r[3]) for r in self.conn.execute(
+            "SELECT user, hits, misses, last_access FROM item_users WHERE relpath = ?",
+            (relpath,))}
+
+    # -- removal -----------------------------------------------------------------------
+
+    def forget(self, relpaths: Iterable[str], removed_at: Optional[float] = None) -> None:
+        """Drop rows of removed files; accesses journalled before ``removed_at`` stay history."""
+        when = time.time() if removed_at is None else removed_at
+        rows = [(r,) for r in relpaths]
+        with self._transaction() as conn:
+            for table in ("items", "item_uris", "item_users"):
+                conn.executemany(f"DELETE FROM {table} WHERE relpath = ?", rows)
+            conn.executemany("INSERT OR REPLACE INTO removals VALUES (?, ?)",
+                             [(r, when) for (r,) in rows])
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield None
+
+
+def _journal_owner_alive(paths: MetaPaths, token: str) -> bool:
+    path = os.path.join(paths.holds_dir, token)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        return holds._is_alive(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
+    text = str(exc).lower()
+    return any(s in text for s in ("not a database", "malformed", "no such table", "corrupt"))
+
+
+def _move_aside(path: str) -> str:
+    aside = f"{path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.rename(path + suffix, aside + suffix)
+        except FileNotFoundError:
+            pass
+    return aside
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

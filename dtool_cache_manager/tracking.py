@@ -1,0 +1,199 @@
+"""Our own hook implementations, registered through the spec's entry-point groups.
+
+``pre_item_content_abspath`` takes the in-use hold (before the broker can fetch, so a
+cleaner cannot slip in); ``post_item_content_abspath`` journals the access.  Both are per
+process and per cache directory, and neither opens the ledger: see ``docs/design.rst``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional, Set, Tuple
+
+from .holds import HoldKey, HoldsFile
+from .host import current_access
+from .hookspecs import hookimpl
+from .journal import JournalWriter, ManifestRecord
+from .layout import MetaPaths, current_identity
+
+logger = logging.getLogger(__name__)
+
+
+class ItemState:
+    """What this process keeps per (uri, cached file): its hold key and journal line prefix."""
+
+    __slots__ = ("key", "prefix")
+
+    def __init__(self, key: HoldKey):
+        self.key = key
+        self.prefix: Optional[bytes] = None
+
+
+class ProcessSession:
+    """This process's holds file and journal in one cache directory."""
+
+    def __init__(self, paths: MetaPaths):
+        self.paths = paths
+        identity = current_identity()
+        self.holds = HoldsFile(paths, identity)  # first: its lock marks the journal's owner live
+        self.journal = JournalWriter(paths, identity, self.holds.token)
+        self.items: Dict[Tuple[str, str], ItemState] = {}
+
+    def close(self, fold_journal: bool = True) -> None:
+        self.journal.close()
+        if fold_journal:
+            try:
+                from .ledger import Ledger
+
+                with Ledger(self.paths, timeout=2.0) as ledger:
+                    ledger.compact(only_token=self.holds.token)
+            except Exception as exc:  # noqa: BLE001 - a later reader folds it instead
+                logger.debug("dtool-cache-manager: journal left for later (%r)", exc)
+        self.holds.close()
+
+
+_sessions: Dict[str, Optional[ProcessSession]] = {}
+_sessions_lock = threading.Lock()
+_scopes = threading.local()
+
+
+def session_for(cache_dir: str) -> Optional[ProcessSession]:
+    """The session for ``cache_dir``; None (after one warning) if we cannot write there."""
+    try:
+        return _sessions[cache_dir]
+    except KeyError:
+        pass
+    with _sessions_lock:
+        if cache_dir not in _sessions:
+            try:
+                _sessions[cache_dir] = ProcessSession(MetaPaths(cache_dir))
+            except OSError as exc:
+                logger.warning("dtool-cache-manager: cannot record usage in %s (%s); accesses "
+                               "in this process are not tracked or protected from cleaning",
+                               cache_dir, exc)
+                _sessions[cache_dir] = None
+        return _sessions[cache_dir]
+
+
+def _current_scope(holds: HoldsFile) -> Optional[Set[HoldKey]]:
+    """The innermost scope's keys for ``holds``, or None outside any scope."""
+    stack: List[Dict[HoldsFile, Set[HoldKey]]] = getattr(_scopes, "stack", None)
+    return stack[-1].setdefault(holds, set()) if stack else None
+
+
+@contextmanager
+def hold_scope() -> Iterator[None]:
+    """Release, on exit, the holds first taken inside the block (in this thread).
+
+    By default an item stays in use until the process exits; use this around short-lived
+    work in long-running processes so that a cleaner may take the items afterwards.
+    """
+    stack = getattr(_scopes, "stack", None)
+    if stack is None:
+        stack = _scopes.stack = []
+    scope: Dict[HoldsFile, Set[HoldKey]] = {}
+    stack.append(scope)
+    try:
+        yield
+    finally:
+        stack.pop()
+        for holds, keys in scope.items():
+            holds.end_scope(keys)
+
+
+# Both implementations are on the hot path: they guard themselves (no extra wrapper call)
+# and do nothing but a set lookup and, for post, one journal line.
+
+
+@hookimpl(tryfirst=True)
+def pre_item_content_abspath(uri, identifier):
+    try:
+        access = current_access()
+        if access is None or access.plan is None:
+            return
+        session = _sessions.get(access.placement.cache_dir) or session_for(
+            access.placement.cache_dir)
+        if session is None:
+            return
+        plan = access.plan
+        state = session.items.get((uri, plan.abspath))
+        if state is None:
+            state = session.items[(uri, plan.abspath)] = ItemState(
+                HoldKey(uri, access.placement.uuid, identifier, plan.relpath))
+        access.state = state
+        holds = session.holds
+        if state.key not in holds.permanent:
+            holds.hold(state.key, _current_scope(holds))
+    except Exception as exc:  # noqa: BLE001
+        _warn("could not take the in-use hold", exc)
+
+
+@hookimpl
+def post_item_content_abspath(uri, identifier, abspath):
+    try:
+        access = current_access()
+        if access is None or access.relpath is None:
+            return
+        session = _sessions.get(access.placement.cache_dir)
+        if session is None:
+            return
+        state = access.state
+        if state is None or access.relpath != access.plan.relpath:
+            state = ItemState(None)  # the broker surprised us: describe this path afresh
+        if state.prefix is None:
+            plan = access.plan
+            state.prefix = session.journal.describe(
+                access.relpath, uri, access.placement.uuid, identifier,
+                access.placement.scheme,
+                ManifestRecord(access.relpath, plan.item_relpath, plan.manifest_size,
+                               plan.manifest_hash))
+        session.journal.record_access(state.prefix, access.started, access.miss, access.size,
+                                      access.mtime, access.fetch_seconds)
+    except Exception as exc:  # noqa: BLE001
+        _warn("could not record the access", exc)
+
+
+pre_item_content_abspath.guards_itself = True
+post_item_content_abspath.guards_itself = True
+
+
+def _warn(what: str, exc: Exception) -> None:
+    logger.warning("dtool-cache-manager: %s (%r); item access continues", what, exc,
+                   exc_info=logger.isEnabledFor(logging.DEBUG))
+
+
+def release(cache_dir: str, uri: str, identifier: str) -> int:
+    """Let go of this process's holds on (uri, identifier) in ``cache_dir``."""
+    session = _sessions.get(cache_dir)
+    return session.holds.release(uri, identifier) if session else 0
+
+
+@atexit.register
+def _close_sessions() -> None:
+    for session in list(_sessions.values()):
+        if session is not None:
+            try:
+                session.close()
+            except Exception as exc:  # noqa: BLE001
+                logger.debug("dtool-cache-manager: closing session failed (%r)", exc)
+    _sessions.clear()
+
+
+def _after_fork_in_child() -> None:
+    # The child must neither keep the parent's holds alive after the parent dies, nor
+    # write into the parent's files: drop the inherited descriptors and start afresh.
+    for session in list(_sessions.values()):
+        if session is not None:
+            for fd in (session.holds._fd, session.journal._fd):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+    _sessions.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

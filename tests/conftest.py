@@ -1,0 +1,138 @@
+"""Shared fixtures: real dtool datasets over loopback HTTP and moto S3."""
+
+import itertools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict
+
+import dtoolcore
+import pytest
+
+from support import subprocess_env
+from support.datasets import item_identifier, make_local_dataset, md5_hex
+from support.servers import CountingDtoolHTTPServer, MotoS3Server
+
+S3_BUCKET = "dtoolcmtest"  # no hyphens: the name is part of DTOOL_S3_*_<bucket> env vars
+
+_names = itertools.count()
+
+
+@dataclass
+class RemoteDataset:
+    """A frozen dataset reachable at ``uri``; ``md5`` maps identifier -> md5 hex."""
+
+    uri: str
+    uuid: str
+    name: str
+    identifiers: Dict[str, str]
+    md5: Dict[str, str]
+    local_uri: str = ""
+    env: Dict[str, str] = field(default_factory=dict)
+
+    def cache_path(self, cache_dir, relpath):
+        """Where dtool-s3 0.14.1 caches an item: ``<cache>/<uuid>/<identifier>``.
+
+        No extension: the broker splits the still-base64-encoded handle.
+        """
+        return Path(cache_dir) / self.uuid / self.identifiers[relpath]
+
+
+@dataclass
+class HttpDataset(RemoteDataset):
+    get_count: Callable[[str], int] = None  # relpath -> GETs the server saw
+
+    def cache_path(self, cache_dir, relpath):
+        """Where dtool-http caches an item: ``<cache>/<URL path>/<identifier><ext>``."""
+        ext = os.path.splitext(relpath)[1]
+        return Path(cache_dir) / self.name / (self.identifiers[relpath] + ext)
+
+
+def _describe(items):
+    identifiers = {relpath: item_identifier(relpath) for relpath in items}
+    md5 = {identifiers[relpath]: md5_hex(content) for relpath, content in items.items()}
+    return identifiers, md5
+
+
+def _uuid(uri):
+    return dtoolcore.DataSet.from_uri(uri).uuid
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """A fresh, empty dtool cache; DTOOL_CACHE_DIRECTORY points at it for this test."""
+    path = tmp_path / "dtool-cache"
+    path.mkdir()
+    monkeypatch.setenv("DTOOL_CACHE_DIRECTORY", str(path))
+    return path
+
+
+@pytest.fixture
+def make_env():
+    """``make_env(cache_dir, extra=None)`` -> env dict for subprocesses."""
+    return subprocess_env
+
+
+@pytest.fixture(scope="session")
+def http_server(tmp_path_factory):
+    """One counting HTTP server per session serving a temp dir of datasets."""
+    server = CountingDtoolHTTPServer(tmp_path_factory.mktemp("http-datasets")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def http_dataset(http_server):
+    """Factory: ``http_dataset(items, name=None) -> HttpDataset`` served over HTTP."""
+    http_server.slow_item_bytes_per_s = None  # tests opt in to throttling
+
+    def make(items, name=None):
+        name = name or f"ds{next(_names)}"
+        local_uri = make_local_dataset(http_server.directory, name, items)
+        identifiers, md5 = _describe(items)
+        return HttpDataset(
+            uri=f"{http_server.base_url}/{name}", uuid=_uuid(local_uri), name=name,
+            identifiers=identifiers, md5=md5, local_uri=local_uri,
+            get_count=lambda relpath: http_server.item_get_count(name, relpath),
+        )
+
+    yield make
+    http_server.slow_item_bytes_per_s = None
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One real ``moto_server`` process per session, with bucket ``S3_BUCKET``."""
+    log_path = tmp_path_factory.mktemp("moto") / "moto_server.log"
+    server = MotoS3Server(log_path=str(log_path)).start()
+    try:
+        server.create_bucket(S3_BUCKET)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_dataset(s3_server, tmp_path, monkeypatch):
+    """Factory: ``s3_dataset(items, name=None) -> RemoteDataset`` copied into moto S3.
+
+    The S3 env vars are set in os.environ for the test and returned as ``.env``
+    so subprocesses can be given them too.
+    """
+    env = s3_server.s3_env(S3_BUCKET)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+    def make(items, name=None):
+        name = name or f"ds{next(_names)}"
+        local_base = tmp_path / "s3-src"
+        local_base.mkdir(exist_ok=True)
+        local_uri = make_local_dataset(local_base, name, items)
+        uri = dtoolcore.copy(local_uri, f"s3://{S3_BUCKET}")
+        identifiers, md5 = _describe(items)
+        return RemoteDataset(
+            uri=uri, uuid=_uuid(local_uri), name=name, identifiers=identifiers,
+            md5=md5, local_uri=local_uri, env=dict(env),
+        )
+
+    return make

@@ -1,0 +1,35 @@
+"""Test support: real dtool datasets served on loopback, and subprocess helpers.
+
+Everything here talks to real servers on 127.0.0.1 and runs real executables, so
+that tests exercise the same code paths as users (no mocks).
+"""
+
+import os
+import subprocess
+import sys
+
+#: The venv's bin directory; subprocesses must find ``dtool`` and ``moto_server`` here.
+VENV_BIN = os.path.dirname(sys.executable)
+
+
+def subprocess_env(cache_dir, extra=None):
+    """Return an environment for a child process using ``cache_dir`` as dtool cache.
+
+    PYTHONPATH is dropped so the child imports the installed packages (as a user
+    would), and the venv bin dir goes first on PATH so ``dtool`` is the venv's.
+    """
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    env["DTOOL_CACHE_DIRECTORY"] = str(cache_dir)
+    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
+    if extra:
+        env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_python(code, env, timeout=120):
+    """Run ``code`` in a fresh interpreter; return the CompletedProcess unchecked."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )
