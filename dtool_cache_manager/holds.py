@@ -24,7 +24,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, Iterator, List, Optional, Set, Tuple
+from typing import Dict, FrozenSet, Iterator, List, NamedTuple, Optional, Set, Tuple
 
 from .layout import Identity, MetaPaths, ensure_dir
 from .rangelock import open_range_lock
@@ -34,9 +34,11 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 
 
-@dataclass(frozen=True)
-class HoldKey:
-    """What a hold names: the item as the accessing process saw it."""
+class HoldKey(NamedTuple):
+    """What a hold names: the item as the accessing process saw it.
+
+    A named tuple rather than a dataclass: the hot path hashes it on every access.
+    """
 
     uri: str
     uuid: str

@@ -48,6 +48,7 @@ class ItemPlan:
     relpath: Optional[str]  # relative to the cache directory
     manifest_size: Optional[int]
     manifest_hash: Optional[str]
+    hash_function: Optional[str]
     item_relpath: Optional[str]
 
 
@@ -253,6 +254,7 @@ def _plan(placement: DatasetPlacement, dataset, identifier: str) -> Optional[Ite
             relpath=placement.paths.relpath(os.path.abspath(abspath)),
             manifest_size=props.get("size_in_bytes"),
             manifest_hash=props.get("hash"),
+            hash_function=manifest.get("hash_function"),
             item_relpath=item_relpath,
         )
     return plan

@@ -10,7 +10,8 @@ Record kinds (first element of each line)::
 
     ["j", version, user, host, pid, started]                       header
     ["a", relpath, uri, uuid, identifier, scheme, t_us, miss, size, mtime_us, fetch_us]
-    ["m", relpath, item_relpath, manifest_size, manifest_hash]     once per item per process
+    ["m", relpath, item_relpath, manifest_size, manifest_hash, hash_function]  once per item
+                                                                      per process
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class ManifestRecord:
     item_relpath: Optional[str]
     manifest_size: Optional[int]
     manifest_hash: Optional[str]
+    hash_function: Optional[str]  # as the manifest names it, e.g. "md5sum_hexdigest"
 
 
 class JournalWriter:
@@ -77,7 +79,8 @@ class JournalWriter:
         """
         if manifest is not None:
             self._write(json.dumps(["m", manifest.relpath, manifest.item_relpath,
-                                    manifest.manifest_size, manifest.manifest_hash]) + "\n")
+                                    manifest.manifest_size, manifest.manifest_hash,
+                                    manifest.hash_function]) + "\n")
         return ('["a",' + json.dumps([relpath, uri, uuid, identifier, scheme])[1:-1]
                 + ",").encode("utf-8", "surrogateescape")
 
@@ -118,7 +121,7 @@ def parse_journal(data: bytes, user: str = "?", host: str = "?") -> Tuple[List[o
                                             rec[4], rec[5], bool(rec[7]), int(rec[8]),
                                             rec[9] / 1e6, rec[10] / 1e6))
             elif kind == "m":
-                records.append(ManifestRecord(rec[1], rec[2], rec[3], rec[4]))
+                records.append(ManifestRecord(rec[1], rec[2], rec[3], rec[4], rec[5]))
         except (ValueError, IndexError, TypeError, KeyError):
             logger.warning("dtool-cache-manager: skipping a malformed journal line: %r",
                            raw[:200])

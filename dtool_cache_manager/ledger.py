@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS items (
     fetch_seconds REAL NOT NULL DEFAULT 0,
     item_relpath TEXT,
     manifest_size INTEGER,
-    manifest_hash TEXT
+    manifest_hash TEXT,
+    hash_function TEXT
 );
 CREATE INDEX IF NOT EXISTS items_by_identifier ON items (identifier, uuid);
 CREATE INDEX IF NOT EXISTS items_by_last_access ON items (last_access);
@@ -56,7 +57,8 @@ CREATE TABLE IF NOT EXISTS usage (
     hour INTEGER NOT NULL, relpath TEXT NOT NULL, user TEXT NOT NULL, uri TEXT NOT NULL,
     uuid TEXT NOT NULL, identifier TEXT NOT NULL,
     hits INTEGER NOT NULL DEFAULT 0, misses INTEGER NOT NULL DEFAULT 0,
-    hit_bytes INTEGER NOT NULL DEFAULT 0, fetch_seconds REAL NOT NULL DEFAULT 0,
+    hit_bytes INTEGER NOT NULL DEFAULT 0, miss_bytes INTEGER NOT NULL DEFAULT 0,
+    fetch_seconds REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (hour, relpath, user, uri)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS removals (relpath TEXT PRIMARY KEY, removed_at REAL NOT NULL);
@@ -85,6 +87,7 @@ class ItemRow:
     item_relpath: Optional[str]
     manifest_size: Optional[int]
     manifest_hash: Optional[str]
+    hash_function: Optional[str]
 
     @property
     def access_count(self) -> int:
@@ -112,11 +115,12 @@ class _Batch:
         user = f"{rec.user}@{rec.host}"
         hit, miss = (0, 1) if rec.miss else (1, 0)
         use = self.usage.setdefault((int(rec.t // 3600), rec.relpath, user, rec.uri),
-                                    [rec.uuid, rec.identifier, 0, 0, 0, 0.0])
+                                    [rec.uuid, rec.identifier, 0, 0, 0, 0, 0.0])
         use[2] += hit
         use[3] += miss
         use[4] += rec.size * hit
-        use[5] += rec.fetch_seconds * miss
+        use[5] += rec.size * miss
+        use[6] += rec.fetch_seconds * miss
         if rec.t <= self.removed_at.get(rec.relpath, float("-inf")):
             return  # the file this access saw has since been removed; keep only history
         item = self.items.get(rec.relpath)
@@ -291,16 +295,18 @@ class Ledger:
                  last_access = max(coalesce(last_access, 0), excluded.last_access)""",
             [(relpath, user, *v) for (relpath, user), v in batch.users.items()])
         conn.executemany(
-            """INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            """INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT (hour, relpath, user, uri) DO UPDATE SET
                  hits = hits + excluded.hits, misses = misses + excluded.misses,
                  hit_bytes = hit_bytes + excluded.hit_bytes,
+                 miss_bytes = miss_bytes + excluded.miss_bytes,
                  fetch_seconds = fetch_seconds + excluded.fetch_seconds""",
             [(*key, *v) for key, v in batch.usage.items()])
         conn.executemany(
-            """UPDATE items SET item_relpath = ?, manifest_size = ?, manifest_hash = ?
+            """UPDATE items SET item_relpath = ?, manifest_size = ?, manifest_hash = ?,
+                                hash_function = ?
                WHERE relpath = ?""",
-            [(m.item_relpath, m.manifest_size, m.manifest_hash, m.relpath)
+            [(m.item_relpath, m.manifest_size, m.manifest_hash, m.hash_function, m.relpath)
              for m in batch.manifests.values()])
 
     # -- queries -----------------------------------------------------------------------

@@ -150,7 +150,7 @@ def post_item_content_abspath(uri, identifier, abspath):
                 access.relpath, uri, access.placement.uuid, identifier,
                 access.placement.scheme,
                 ManifestRecord(access.relpath, plan.item_relpath, plan.manifest_size,
-                               plan.manifest_hash))
+                               plan.manifest_hash, plan.hash_function))
         session.journal.record_access(state.prefix, access.started, access.miss, access.size,
                                       access.mtime, access.fetch_seconds)
     except Exception as exc:  # noqa: BLE001
