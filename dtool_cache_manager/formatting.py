@@ -9,6 +9,7 @@ import time
 from typing import Optional
 
 import humanfriendly
+from humanfriendly.tables import format_pretty_table
 
 from .report import Summary
 
@@ -49,6 +50,6 @@ def render_summary(summary: Summary, as_json: bool) -> str:
     if summary.datasets:
         rows = [[d.uris[0] if d.uris else d.key, str(d.num_items), size(d.size_bytes),
                  ago(d.last_access)] for d in summary.datasets]
-        lines += ["", humanfriendly.tables.format_pretty_table(
+        lines += ["", format_pretty_table(
             rows, ["Dataset", "Items", "Size", "Last access"])]
     return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""Audit: who the cache served, and roughly how much waiting it saved them.
+
+Reads only the ``usage`` table (hourly aggregates that outlive item removal), so removed
+items still count.  A hit saved what fetching that item took when it was last missed; the
+duration is averaged over all history, not just the window, because an item is usually
+fetched once and then hit for weeks.  Items never seen missing (fetched before tracking
+began) fall back to their broker scheme's observed throughput and are marked estimated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterable, Optional, Tuple
+
+from dtoolcore.utils import generous_parse_uri
+
+from .ledger import Ledger
+
+GROUPINGS = ("user", "dataset", "item")
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One user, dataset or item's use of the cache."""
+
+    key: str  # user@host, dataset (uri, or uuid if no uri), or item relpath
+    accesses: int
+    hits: int
+    misses: int
+    hit_rate: float  # hits / accesses; 0.0 when there were no accesses
+    bytes_served_from_cache: int  # sum of hit bytes
+    estimated_seconds_saved: float
+    estimated: bool  # True if any part used the scheme-throughput fallback
+
+
+def audit(ledger: Ledger, by: str, since: Optional[float] = None) -> Tuple[AuditRow, ...]:
+    """Usage grouped ``by`` "user", "dataset" or "item", most time saved first.
+
+    ``since`` is a unix time; usage is kept in hour buckets, so a bucket counts whole if it
+    ends after ``since`` (``hour * 3600 + 3600 > since``): the window may reach up to an
+    hour further back than asked.
+    """
+    if by not in GROUPINGS:
+        raise ValueError(f"cannot group by {by!r}; choose one of {', '.join(GROUPINGS)}")
+    per_fetch = _seconds_per_fetch(ledger)
+    scheme_of = _schemes(ledger)
+    per_byte = _seconds_per_byte(ledger, scheme_of)
+    totals: Dict[str, list] = {}
+    for relpath, user, uri, uuid, hits, misses, hit_bytes in _window(ledger, since):
+        if hits and relpath in per_fetch:
+            saved, estimated = hits * per_fetch[relpath], False
+        elif hits:
+            rate = per_byte.get(scheme_of.get(relpath) or _scheme(uri))
+            saved, estimated = (hit_bytes * rate if rate is not None else 0.0), True
+        else:
+            saved, estimated = 0.0, False
+        key = {"user": user, "dataset": uri or uuid, "item": relpath}[by]
+        acc = totals.setdefault(key, [0, 0, 0, 0.0, False])
+        acc[0] += hits
+        acc[1] += misses
+        acc[2] += hit_bytes
+        acc[3] += saved
+        acc[4] = acc[4] or estimated
+    rows = (_row(key, *acc) for key, acc in totals.items())
+    return tuple(sorted(rows, key=lambda r: (-r.estimated_seconds_saved, r.key)))
+
+
+def totals(rows: Iterable[AuditRow]) -> AuditRow:
+    """All ``rows`` added up, under the key "TOTAL"."""
+    rows = tuple(rows)
+    return _row("TOTAL", sum(r.hits for r in rows), sum(r.misses for r in rows),
+                sum(r.bytes_served_from_cache for r in rows),
+                sum(r.estimated_seconds_saved for r in rows), any(r.estimated for r in rows))
+
+
+def _row(key: str, hits: int, misses: int, hit_bytes: int, saved: float,
+         estimated: bool) -> AuditRow:
+    accesses = hits + misses
+    return AuditRow(key, accesses, hits, misses, hits / accesses if accesses else 0.0,
+                    hit_bytes, saved, estimated)
+
+
+def _window(ledger: Ledger, since: Optional[float]):
+    # hour * 3600 + 3600 > since  <=>  hour >= floor(since / 3600), which uses the key's index.
+    first_hour = int(since // 3600) if since is not None else None
+    return ledger.conn.execute(
+        """SELECT relpath, user, uri, uuid, sum(hits), sum(misses), sum(hit_bytes)
+           FROM usage
+           WHERE ? IS NULL OR hour >= ?
+           GROUP BY relpath, user, uri, uuid""", (first_hour, first_hour))
+
+
+def _seconds_per_fetch(ledger: Ledger) -> Dict[str, float]:
+    """relpath -> mean measured fetch duration, over all history."""
+    return {relpath: seconds / misses for relpath, seconds, misses in ledger.conn.execute(
+        """SELECT relpath, sum(fetch_seconds), sum(misses) FROM usage
+           GROUP BY relpath HAVING sum(misses) > 0""")}
+
+
+def _schemes(ledger: Ledger) -> Dict[str, str]:
+    """relpath -> broker scheme of the items the ledger still knows."""
+    return dict(ledger.conn.execute("SELECT relpath, scheme FROM items"))
+
+
+def _seconds_per_byte(ledger: Ledger, scheme_of: Dict[str, str]) -> Dict[str, float]:
+    """scheme -> observed fetch seconds per byte, over all history of that scheme's items."""
+    sums: Dict[str, list] = {}
+    for relpath, uri, miss_bytes, seconds in ledger.conn.execute(
+            """SELECT relpath, uri, sum(miss_bytes), sum(fetch_seconds) FROM usage
+               WHERE misses > 0 GROUP BY relpath, uri"""):
+        acc = sums.setdefault(scheme_of.get(relpath) or _scheme(uri), [0, 0.0])
+        acc[0] += miss_bytes
+        acc[1] += seconds
+    return {scheme: seconds / nbytes for scheme, (nbytes, seconds) in sums.items()
+            if nbytes > 0 and seconds > 0}
+
+
+def _scheme(uri: str) -> str:
+    """The scheme of a removed item's dataset, from the uri its accesses recorded."""
+    if not uri:
+        return ""
+    return generous_parse_uri(uri).scheme or "file"
