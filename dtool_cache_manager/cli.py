@@ -1,37 +1,188 @@
 """The ``dtool cache`` command group (also installed as ``dtool-cache``).
 
 A thin click layer: it parses options, calls the library and hands results to
-:mod:`formatting`.  Bad input is a one-line error with exit status 2, never a traceback.
+:mod:`formatting`.  Bad input is a one-line error with exit status 2, never a traceback,
+and nothing is deleted.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import time
+
 import click
 
-from . import __version__, report
-from .formatting import render_summary
+from . import __version__, audit as audit_mod, formatting, report, verify as verify_mod
+from .api import open_ledger
 from .layout import resolve_cache_dir
+from .ledger import LedgerError
+from .params import AGE, SIZE, BadInput
+from .policies import Rules
 
 _CONTEXT = dict(help_option_names=["-h", "--help"])
+DEFAULT_AGE = "30d"
+PROGRESS_THRESHOLD = 200  # removals before a progress bar is worth showing
 
 cache_dir_option = click.option(
     "--cache-dir", type=click.Path(file_okay=False), default=None,
     help="Cache directory (default: DTOOL_CACHE_DIRECTORY, then dtool.json, then "
          "~/.cache/dtool).")
 json_option = click.option("--json", "as_json", is_flag=True,
-                           help="Print machine-readable JSON.")
+                           help="Print machine-readable JSON (stable keys).")
+dataset_option = click.option("--dataset", metavar="URI-OR-UUID",
+                              help="Only this dataset's items.")
 
 
 @click.group(context_settings=_CONTEXT)
 @click.version_option(__version__, prog_name="dtool-cache-manager")
 def cache():
-    """Inspect and clean the dtool item cache."""
+    """Inspect and clean the dtool item cache.
+
+    Every access to a cached item is recorded (hits, misses, users, fetch time) and items
+    a live process uses are never removed.
+    """
 
 
 @cache.command()
 @cache_dir_option
 @json_option
 def summary(cache_dir, as_json):
-    """How much space the cache uses, and what is in it."""
-    result = report.summarize(resolve_cache_dir(cache_dir))
-    click.echo(render_summary(result, as_json))
+    """How much space the cache uses, what is in it, and what is in use."""
+    result = _guarded(report.summarize, resolve_cache_dir(cache_dir))
+    click.echo(formatting.render_summary(result, as_json))
+
+
+@cache.command(name="ls")
+@cache_dir_option
+@json_option
+@dataset_option
+@click.option("--sort", default="accessed", show_default=True,
+              metavar="size|accessed|count|name[:asc|desc]", help="Sort order.")
+@click.option("--limit", type=click.IntRange(min=0), default=None, help="Show at most N items.")
+@click.option("--in-use", is_flag=True, help="Only items a live process holds.")
+@click.option("--untracked", is_flag=True, help="Only files no hook has seen.")
+def ls(cache_dir, as_json, dataset, sort, limit, in_use, untracked):
+    """List cached items with their usage."""
+    report.parse_sort(sort)  # bad input fails before any work
+    inv = _guarded(report.inventory, resolve_cache_dir(cache_dir), dataset)
+    items = report.list_items(inv, sort=sort, limit=limit, in_use=in_use, untracked=untracked)
+    click.echo(formatting.render_items(items, as_json))
+
+
+@cache.command()
+@cache_dir_option
+@json_option
+@dataset_option
+@click.option("--all", "remove_all", is_flag=True, help="Remove everything not in use.")
+@click.option("--older-than", type=AGE, metavar="AGE",
+              help="Remove items not used within AGE (30d, 2w, 12h; a bare number is days).")
+@click.option("--retain-size", type=SIZE, metavar="SIZE",
+              help="Remove least recently used items until the cache holds at most SIZE "
+                   "(1TB, 500MiB, 0).")
+@click.option("--exclude-frequently-accessed", type=click.IntRange(min=1), metavar="N",
+              help="Never remove items accessed N or more times.")
+@click.option("--dry-run", is_flag=True, help="Show what would be removed; remove nothing.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def clean(cache_dir, as_json, dataset, remove_all, older_than, retain_size,
+          exclude_frequently_accessed, dry_run, yes):
+    """Remove cached items by age, size and frequency; never what is in use.
+
+    With no rule, removes items not used in the past month (--older-than 30d).  Filters
+    (--older-than, --exclude-frequently-accessed) narrow the candidates; --retain-size then
+    removes the fewest least recently used of them needed to reach SIZE.  Leftover partial
+    downloads ('*.tmp' untouched for an hour) are removed too.
+    """
+    if remove_all and (older_than is not None or retain_size is not None
+                       or exclude_frequently_accessed is not None):
+        raise BadInput("--all removes everything not in use; it cannot be combined with "
+                       "--older-than, --retain-size or --exclude-frequently-accessed")
+    directory = resolve_cache_dir(cache_dir)
+    if not os.path.isdir(directory):
+        raise BadInput(f"cache directory {directory} does not exist")
+    rules = Rules(remove_all=remove_all, older_than_seconds=older_than,
+                  exclude_frequently_accessed=exclude_frequently_accessed,
+                  retain_size_bytes=retain_size)
+    note = None
+    if rules.empty:
+        rules = Rules(older_than_seconds=AGE.convert(DEFAULT_AGE, None, None))
+        note = f"No rule given: removing items not used in the past month " \
+               f"(--older-than {DEFAULT_AGE})."
+    if not (dry_run or yes or sys.stdin.isatty()):
+        raise BadInput("refusing to remove files without confirmation: pass --yes "
+                       "(or --dry-run to see the plan)")
+    inv = _guarded(report.inventory, directory, dataset)
+    plan = report.plan_clean(inv, rules, now=time.time())
+    if dry_run:
+        click.echo(formatting.render_clean_plan(plan, note, as_json))
+        return
+    if not yes:
+        click.echo(formatting.render_clean_plan(plan, note, as_json=False))
+        if not (plan.removals or plan.stale_partials):
+            return
+        click.confirm("Proceed?", default=False, abort=True)
+    with open_ledger(directory) as ledger:
+        if ledger.readonly:
+            raise BadInput(f"cannot clean {directory}: no write permission for its ledger")
+        result = _execute(plan, ledger, show_progress=not as_json)
+    click.echo(formatting.render_clean_result(result, note if yes else None, as_json))
+
+
+def _execute(plan, ledger, show_progress: bool):
+    todo = plan.removals + plan.stale_partials
+    if show_progress and sys.stdout.isatty() and len(todo) >= PROGRESS_THRESHOLD:
+        with click.progressbar(length=len(todo), label="Removing") as bar:
+            return plan.execute(ledger, progress=lambda _: bar.update(1))
+    return plan.execute(ledger)
+
+
+@cache.command(name="audit")
+@cache_dir_option
+@json_option
+@click.option("--by", type=click.Choice(audit_mod.GROUPINGS), default="user",
+              show_default=True, help="Group the figures.")
+@click.option("--since", type=AGE, metavar="AGE", help="Only accesses within AGE (30d, 12h).")
+def audit_command(cache_dir, as_json, by, since):
+    """Who used the cache, how often it hit, and the time it saved."""
+    since_time = None if since is None else time.time() - since
+    directory = resolve_cache_dir(cache_dir)
+    rows = _guarded(_audit_rows, directory, by, since_time)
+    click.echo(formatting.render_audit(rows, audit_mod.totals(rows), by, as_json))
+
+
+def _audit_rows(directory, by, since_time):
+    with open_ledger(directory) as ledger:
+        return audit_mod.audit(ledger, by, since_time)
+
+
+@cache.command(name="verify")
+@cache_dir_option
+@json_option
+@click.option("--hash", "check_hash", is_flag=True,
+              help="Also compare content hashes (reads every file).")
+@click.option("--fix", is_flag=True,
+              help="Remove damaged files not in use, so the next access fetches them again.")
+def verify_command(cache_dir, as_json, check_hash, fix):
+    """Check cached files against their dataset manifests (no network needed).
+
+    Exits with status 1 if any file is missing, truncated or corrupt and was not fixed.
+    """
+    directory = resolve_cache_dir(cache_dir)
+    results = _guarded(_verify_results, directory, check_hash, fix)
+    click.echo(formatting.render_verify(results, as_json))
+    if any(r.status not in (verify_mod.OK, verify_mod.UNVERIFIABLE) and not r.fixed
+           for r in results):
+        sys.exit(1)
+
+
+def _verify_results(directory, check_hash, fix):
+    with open_ledger(directory) as ledger:
+        return verify_mod.verify(ledger, check_hash=check_hash, fix=fix)
+
+
+def _guarded(fn, *args):
+    """Turn the ledger's own errors into one-line messages."""
+    try:
+        return fn(*args)
+    except LedgerError as exc:
+        raise click.ClickException(str(exc))

@@ -1,4 +1,4 @@
-"""Output: human tables (sizes and times via humanfriendly) and stable JSON."""
+"""Output: human tables (sizes and times via humanfriendly) and JSON with stable keys."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ import dataclasses
 import datetime as _dt
 import json
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import humanfriendly
 from humanfriendly.tables import format_pretty_table
 
-from .report import Summary
+from .audit import AuditRow
+from .executor import CleanPlan, CleanResult
+from .report import ItemView, Summary
+from .verify import OK, VerifyResult
 
 
 def iso_utc(timestamp: Optional[float]) -> Optional[str]:
@@ -31,25 +34,161 @@ def size(n: int) -> str:
     return humanfriendly.format_size(n, binary=True)
 
 
+def _dumps(data) -> str:
+    return json.dumps(data, indent=2, sort_keys=False)
+
+
+def _holder_list(holders) -> list:
+    return [{"user": h.user_at_host, "pid": h.pid} for h in holders]
+
+
+def _holders_text(holders) -> str:
+    return ", ".join(f"{h.user_at_host} (pid {h.pid})" for h in holders)
+
+
+# -- summary ---------------------------------------------------------------------------
+
+
 def render_summary(summary: Summary, as_json: bool) -> str:
     if as_json:
         data = dataclasses.asdict(summary)
         for ds in data["datasets"]:
             ds["last_access"] = iso_utc(ds["last_access"])
-        return json.dumps(data, indent=2)
+        return _dumps(data)
     lines = [
         f"Cache directory: {summary.cache_directory}",
-        f"Total size:      {size(summary.total_size_bytes)} "
-        f"({summary.total_size_bytes} bytes)",
+        f"Total size:      {size(summary.total_size_bytes)}",
         f"Items:           {summary.num_items} in {summary.num_datasets} datasets",
         f"In use now:      {summary.num_in_use}",
-        f"Untracked:       {summary.num_untracked} (on disk, never seen by a hook)",
-        f"Partial:         {summary.num_partial} leftover '*.tmp' "
-        f"({size(summary.partial_size_bytes)})",
+        f"Untracked:       {summary.num_untracked} files, {size(summary.untracked_size_bytes)} "
+        "(on disk, never seen by a hook)",
+        f"Partial:         {summary.num_partial} leftover '*.tmp' downloads, "
+        f"{size(summary.partial_size_bytes)}",
+        "Last used:       " + ", ".join(f"{k}: {v}" for k, v in
+                                        summary.age_distribution.items()),
     ]
+    for holder in summary.in_use_by:
+        lines.append(f"  held by {holder.user_at_host} (pid {holder.pid}): "
+                     f"{holder.num_items} items, {size(holder.size_bytes)}")
     if summary.datasets:
         rows = [[d.uris[0] if d.uris else d.key, str(d.num_items), size(d.size_bytes),
                  ago(d.last_access)] for d in summary.datasets]
-        lines += ["", format_pretty_table(
-            rows, ["Dataset", "Items", "Size", "Last access"])]
+        lines += ["", format_pretty_table(rows, ["Dataset", "Items", "Size", "Last access"])]
+    return "\n".join(lines)
+
+
+# -- ls --------------------------------------------------------------------------------
+
+
+def item_json(item: ItemView) -> dict:
+    row = item.row
+    return {
+        "uri": item.uris[0] if item.uris else None,
+        "uris": list(item.uris),
+        "uuid": item.uuid,
+        "identifier": item.identifier,
+        "path": item.relpath,
+        "size_bytes": item.size_bytes,
+        "access_count": item.access_count,
+        "hits": row.hits if row else 0,
+        "misses": row.misses if row else 0,
+        "last_access": iso_utc(item.last_access),
+        "first_cached": iso_utc(row.first_cached if row else None),
+        "in_use": len(item.holders),
+        "holders": _holder_list(item.holders),
+        "tracked": row is not None,
+    }
+
+
+def render_items(items: Sequence[ItemView], as_json: bool) -> str:
+    if as_json:
+        return _dumps([item_json(i) for i in items])
+    if not items:
+        return "No cached items."
+    rows = [[i.relpath, size(i.size_bytes), str(i.access_count) if i.row else "-",
+             ago(i.last_access) if i.row else "untracked",
+             _holders_text(i.holders) or "-"] for i in items]
+    return format_pretty_table(rows, ["Path", "Size", "Uses", "Last access", "In use by"])
+
+
+# -- clean -----------------------------------------------------------------------------
+
+
+def render_clean_plan(plan: CleanPlan, note: Optional[str], as_json: bool) -> str:
+    planned = plan.removals + plan.stale_partials
+    if as_json:
+        return _dumps({
+            "removed": [p.relpath for p in planned],
+            "freed_bytes": plan.expected_freed_bytes,
+            "skipped_in_use": [{"path": r, "holders": _holder_list(h)}
+                               for r, h in plan.skipped_in_use],
+            "dry_run": True,
+        })
+    lines = [note] if note else []
+    if not planned:
+        lines.append("Nothing to remove.")
+    else:
+        lines.append(f"Would remove {len(planned)} files, freeing "
+                     f"{size(plan.expected_freed_bytes)}:")
+        lines += [f"  {p.relpath}  ({size(p.size_bytes)})" for p in planned]
+    lines += [f"Keeping {r} (in use by {_holders_text(h)})" for r, h in plan.skipped_in_use]
+    return "\n".join(lines)
+
+
+def render_clean_result(result: CleanResult, note: Optional[str], as_json: bool) -> str:
+    in_use = [o for o in result.skipped if o.holders]
+    other = [o for o in result.skipped if not o.holders]
+    if as_json:
+        return _dumps({
+            "removed": [o.relpath for o in result.removed],
+            "freed_bytes": result.freed_bytes,
+            "skipped_in_use": [{"path": o.relpath, "holders": _holder_list(o.holders)}
+                               for o in in_use],
+            "skipped": [{"path": o.relpath, "reason": o.reason} for o in other],
+            "dry_run": False,
+        })
+    lines = [note] if note else []
+    lines.append(f"Removed {len(result.removed)} files, freed {size(result.freed_bytes)}.")
+    lines += [f"Kept {o.relpath}: in use by {_holders_text(o.holders)}" for o in in_use]
+    lines += [f"Skipped {o.relpath}: {o.reason}" for o in other]
+    return "\n".join(lines)
+
+
+# -- audit -----------------------------------------------------------------------------
+
+
+def render_audit(rows: Sequence[AuditRow], total: AuditRow, by: str, as_json: bool) -> str:
+    if as_json:
+        return _dumps({"by": by, "rows": [dataclasses.asdict(r) for r in rows],
+                       "total": dataclasses.asdict(total)})
+    if not rows:
+        return "No recorded accesses."
+
+    def line(r: AuditRow) -> list:
+        saved = humanfriendly.format_timespan(r.estimated_seconds_saved)
+        return [r.key, str(r.accesses), str(r.hits), str(r.misses), f"{r.hit_rate:.0%}",
+                size(r.bytes_served_from_cache), ("~" if r.estimated else "") + saved]
+
+    table = format_pretty_table([line(r) for r in rows] + [line(total)],
+                                [by.capitalize(), "Accesses", "Hits", "Misses", "Hit rate",
+                                 "Served from cache", "Time saved"])
+    if any(r.estimated for r in rows):
+        table += ("\n~ estimated from the broker's observed throughput (no fetch of that "
+                  "item was timed)")
+    return table
+
+
+# -- verify ----------------------------------------------------------------------------
+
+
+def render_verify(results: Sequence[VerifyResult], as_json: bool) -> str:
+    if as_json:
+        return _dumps([dict(dataclasses.asdict(r), holders=_holder_list(r.holders))
+                       for r in results])
+    bad = [r for r in results if r.status != OK]
+    lines = [f"Checked {len(results)} files: {len(results) - len(bad)} ok."]
+    for r in bad:
+        fixed = " (fixed)" if r.fixed else ""
+        held = f" (in use by {_holders_text(r.holders)})" if r.holders else ""
+        lines.append(f"  {r.status}: {r.relpath} {r.detail}{fixed}{held}".rstrip())
     return "\n".join(lines)

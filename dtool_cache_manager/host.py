@@ -170,6 +170,8 @@ def _tracked_call(dataset, identifier: str, original) -> str:
             hooks.pre(uri, identifier)
         except Exception as exc:  # noqa: BLE001 - each hook is guarded; this is pluggy itself
             _warn(f"pre hooks failed ({exc!r})")
+        # Stamp the access after the hold: had it waited for a removal, it now comes after it.
+        access.started = time.time()
         if plan is None:
             abspath = original(dataset, identifier)
         else:

@@ -26,6 +26,7 @@ class CachedFile:
     relpath: str
     size_bytes: int
     mtime: float
+    atime: float = 0.0
 
     @property
     def identifier(self) -> Optional[str]:
@@ -69,7 +70,7 @@ def scan_cache(cache_dir: str) -> CacheScan:
                     if not (rel_dir == "" and entry.name == META_DIRNAME):
                         stack.append(rel)
                 elif stat.S_ISREG(st.st_mode):
-                    found = CachedFile(rel, st.st_size, st.st_mtime)
+                    found = CachedFile(rel, st.st_size, st.st_mtime, st.st_atime)
                     (partials if entry.name.endswith(PARTIAL_SUFFIX) else files).append(found)
     return CacheScan(cache_dir, tuple(sorted(files, key=lambda f: f.relpath)),
                      tuple(sorted(partials, key=lambda f: f.relpath)))
