@@ -1,0 +1,348 @@
+"""`dtool cache ...` end to end: the real dtool executable in subprocesses, against real
+http and s3 datasets on loopback.  Every figure is checked against what the test computes
+itself from the disk and its own count of accesses."""
+
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import dtool_cache_manager as dcm
+from support import subprocess_env
+
+DAY = 86400
+
+
+def dtool_cache(*args, env, check=True):
+    result = subprocess.run(["dtool", "cache", *map(str, args)], env=env, capture_output=True,
+                            text=True, timeout=120, stdin=subprocess.DEVNULL)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def fetch(uri, identifier, env):
+    result = subprocess.run(["dtool", "item", "fetch", uri, identifier], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def disk_files(cache_dir):
+    """relpath -> size of every regular file, walked independently of the package."""
+    found = {}
+    for root, dirs, files in os.walk(cache_dir):
+        dirs[:] = [d for d in dirs if d != ".dtool-cache-manager"]
+        for name in files:
+            path = os.path.join(root, name)
+            found[os.path.relpath(path, cache_dir)] = os.path.getsize(path)
+    return found
+
+
+def test_scripted_session_figures(http_dataset, s3_dataset, cache_dir, make_env):
+    web = http_dataset({"a.txt": b"a" * 1000, "b.txt": b"b" * 3000})
+    bucket = s3_dataset({"c.bin": b"c" * 5000})
+    env = make_env(cache_dir, bucket.env)
+    plan = [(web, "a.txt", 3), (web, "b.txt", 1), (bucket, "c.bin", 2)]
+    for ds, relpath, times in plan:
+        for _ in range(times):
+            fetch(ds.uri, ds.identifiers[relpath], env)
+    disk = disk_files(cache_dir)
+
+    summary = json.loads(dtool_cache("summary", "--json", env=env).stdout)
+    assert summary["cache_directory"] == str(cache_dir)
+    assert summary["total_size_bytes"] == sum(disk.values()) == 9000
+    assert summary["num_items"] == len(disk) == 3
+    assert (summary["num_datasets"], summary["num_in_use"], summary["num_untracked"]) == (2, 0, 0)
+    by_key = {d["key"]: d for d in summary["datasets"]}
+    assert by_key[web.uuid]["size_bytes"] == 4000 and by_key[bucket.uuid]["num_items"] == 1
+
+    rows = json.loads(dtool_cache("ls", "--json", env=env).stdout)
+    assert len(rows) == 3
+    for ds, relpath, times in plan:
+        (row,) = [r for r in rows if r["identifier"] == ds.identifiers[relpath]]
+        assert row["path"] in disk and row["size_bytes"] == disk[row["path"]]
+        assert (row["access_count"], row["hits"], row["misses"]) == (times, times - 1, 1)
+        assert (row["uri"], row["uuid"], row["in_use"]) == (ds.uri, ds.uuid, 0)
+        assert row["last_access"].endswith("+00:00") and row["first_cached"]
+    assert [r["access_count"] for r in json.loads(
+        dtool_cache("ls", "--json", "--sort", "count", "--limit", 2, env=env).stdout)] == [3, 2]
+
+    with dcm.open_ledger(str(cache_dir)) as ledger:
+        per_fetch = {r.relpath: r.fetch_seconds / r.misses for r in ledger.items()}
+    audit = json.loads(dtool_cache("audit", "--by", "dataset", "--json", env=env).stdout)
+    for ds in (web, bucket):
+        (row,) = [r for r in audit["rows"] if r["key"] == ds.uri]
+        mine = [(relpath, times) for d, relpath, times in plan if d is ds]
+        assert row["accesses"] == sum(t for _, t in mine)
+        assert row["misses"] == len(mine) and row["hits"] == sum(t - 1 for _, t in mine)
+        assert row["bytes_served_from_cache"] == sum(
+            (t - 1) * disk[[p for p in disk if ds.identifiers[r] in p][0]] for r, t in mine)
+        assert row["estimated_seconds_saved"] == pytest.approx(sum(
+            (t - 1) * per_fetch[[p for p in disk if ds.identifiers[r] in p][0]]
+            for r, t in mine))
+    assert audit["total"]["accesses"] == 6
+    users = json.loads(dtool_cache("audit", "--by", "user", "--json", env=env).stdout)
+    assert [(r["accesses"], r["hits"], r["misses"]) for r in users["rows"]] == [(6, 3, 3)]
+
+
+# -- the rules -------------------------------------------------------------------------
+
+RULE_ITEMS = 50
+
+
+@pytest.fixture(scope="module")
+def fifty_item_cache(http_server, tmp_path_factory):
+    """50 real cached items; last use i days ago and (i % 7) + 1 accesses for item i."""
+    import dtoolcore
+
+    from support.datasets import make_local_dataset
+
+    items = {f"item{i:02d}.dat": os.urandom(1000 + 37 * i) for i in range(RULE_ITEMS)}
+    make_local_dataset(http_server.directory, "fifty", items)
+    cache = tmp_path_factory.mktemp("fifty") / "cache"
+    env = subprocess_env(cache)
+    code = ("import sys, dtoolcore\nds = dtoolcore.DataSet.from_uri(sys.argv[1])\n"
+            "[ds.item_content_abspath(i) for i in ds.identifiers]\n")
+    subprocess.run([sys.executable, "-c", code, f"{http_server.base_url}/fifty"], env=env,
+                   check=True, timeout=120)
+    now = time.time()
+    truth = {}
+    with dcm.open_ledger(str(cache)) as ledger:
+        for row in ledger.items():
+            i = int(row.item_relpath[4:6])
+            last, count = now - i * DAY - 600, (i % 7) + 1
+            ledger.conn.execute("UPDATE items SET last_access = ?, hits = ?, misses = 1 "
+                                "WHERE relpath = ?", (last, count - 1, row.relpath))
+            truth[row.relpath] = (last, count, row.size_bytes)
+    return cache, truth
+
+
+def expected_removals(truth, older_days=None, exclude=None, retain=None, remove_all=False):
+    """A reference model of the rules, written independently of the package."""
+    now = time.time()
+    if remove_all:
+        return set(truth)
+    cands = [p for p, (last, count, size) in truth.items()
+             if (older_days is None or now - last >= older_days * DAY)
+             and (exclude is None or count < exclude)]
+    if retain is None:
+        return set(cands)
+    total = sum(size for _, _, size in truth.values())
+    chosen = set()
+    for p in sorted(cands, key=lambda p: truth[p][0]):
+        if total <= retain:
+            break
+        chosen.add(p)
+        total -= truth[p][2]
+    return chosen
+
+
+RULES = [
+    (["--all"], dict(remove_all=True)),
+    (["--older-than", "10d"], dict(older_days=10)),
+    (["--older-than", "10"], dict(older_days=10)),
+    (["--older-than", "2w"], dict(older_days=14)),
+    (["--exclude-frequently-accessed", "5"], dict(exclude=5)),
+    (["--retain-size", "40KB"], dict(retain=40000)),
+    (["--retain-size", "0"], dict(retain=0)),
+    (["--older-than", "10d", "--exclude-frequently-accessed", "5"], dict(older_days=10, exclude=5)),
+    (["--older-than", "10d", "--retain-size", "60KB"], dict(older_days=10, retain=60000)),
+    (["--exclude-frequently-accessed", "3", "--retain-size", "60KB"], dict(exclude=3, retain=60000)),
+    (["--older-than", "5d", "--exclude-frequently-accessed", "6", "--retain-size", "50KB"],
+     dict(older_days=5, exclude=6, retain=50000)),
+    ([], dict(older_days=30)),
+]
+
+
+@pytest.mark.parametrize("args, model", RULES, ids=[" ".join(a) or "default" for a, _ in RULES])
+def test_each_rule_removes_exactly_the_expected_set(args, model, fifty_item_cache, tmp_path):
+    source, truth = fifty_item_cache
+    cache = tmp_path / "cache"
+    shutil.copytree(source, cache)
+    env = subprocess_env(cache)
+    expected = expected_removals(truth, **model)
+    assert 0 < len(expected) <= RULE_ITEMS  # every case removes something, not everything by luck
+
+    dry = json.loads(dtool_cache("clean", *args, "--dry-run", "--json", env=env).stdout)
+    assert dry["dry_run"] is True and set(dry["removed"]) == expected
+    assert dry["freed_bytes"] == sum(truth[p][2] for p in expected)
+    assert disk_files(cache) == {p: t[2] for p, t in truth.items()}  # nothing removed
+
+    real = json.loads(dtool_cache("clean", *args, "--yes", "--json", env=env).stdout)
+    assert real["dry_run"] is False
+    assert real["removed"] == dry["removed"] and real["freed_bytes"] == dry["freed_bytes"]
+    assert set(disk_files(cache)) == set(truth) - expected
+    if not args:
+        assert "No rule given" not in json.dumps(real)  # JSON stays machine-readable
+        text = dtool_cache("clean", "--dry-run", env=env).stdout
+        assert "--older-than 30d" in text
+
+
+# -- in use, untracked, vanished -------------------------------------------------------
+
+HOLDER = """
+import sys, dtoolcore
+ds = dtoolcore.DataSet.from_uri(sys.argv[1])
+print(ds.item_content_abspath(sys.argv[2]), flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_clean_all_keeps_what_a_live_process_holds(http_dataset, cache_dir, make_env):
+    ds = http_dataset({f"f{i}.txt": b"x" * (100 + i) for i in range(5)})
+    env = make_env(cache_dir)
+    for ident in ds.identifiers.values():
+        fetch(ds.uri, ident, env)
+    held = ds.identifiers["f2.txt"]
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, ds.uri, held], env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        held_path = holder.stdout.readline().strip()
+        result = json.loads(dtool_cache("clean", "--all", "--yes", "--json", env=env).stdout)
+        text = dtool_cache("clean", "--all", "--yes", env=env).stdout
+    finally:
+        holder.communicate("\n")
+    relpath = os.path.relpath(held_path, cache_dir)
+    assert len(result["removed"]) == 4 and relpath not in result["removed"]
+    me = f"{pwd.getpwuid(os.geteuid()).pw_name}@{socket.gethostname()}"
+    assert result["skipped_in_use"] == [
+        {"path": relpath, "holders": [{"user": me, "pid": holder.pid}]}]
+    assert f"in use by {me} (pid {holder.pid})" in text
+    assert disk_files(cache_dir) == {relpath: 102}
+
+
+def test_untracked_and_vanished_files_are_reconciled(http_dataset, cache_dir, make_env,
+                                                     tmp_path):
+    ds = http_dataset({"a.txt": b"a" * 100, "b.txt": b"b" * 200, "c.txt": b"c" * 300})
+    env = make_env(cache_dir)
+    paths = {r: fetch(ds.uri, i, env) for r, i in ds.identifiers.items()}
+    stranger = cache_dir / "fetched-before-install"
+    stranger.mkdir()
+    (stranger / ("f" * 40 + ".csv")).write_bytes(b"u" * 50)
+    shutil.move(paths["b.txt"], tmp_path / "moved-by-a-job")  # vanishes behind our back
+
+    summary = json.loads(dtool_cache("summary", "--json", env=env).stdout)
+    assert summary["num_items"] == 3 and summary["num_untracked"] == 1
+    assert summary["total_size_bytes"] == 100 + 300 + 50
+    listed = json.loads(dtool_cache("ls", "--json", env=env).stdout)
+    assert sorted(r["size_bytes"] for r in listed) == [50, 100, 300]
+    untracked = json.loads(dtool_cache("ls", "--untracked", "--json", env=env).stdout)
+    assert [r["path"] for r in untracked] == [f"fetched-before-install/{'f' * 40}.csv"]
+    with dcm.open_ledger(str(cache_dir)) as ledger:  # the vanished row was forgotten
+        assert {r.item_relpath for r in ledger.items()} == {"a.txt", "c.txt"}
+
+    result = json.loads(dtool_cache("clean", "--all", "--yes", "--json", env=env).stdout)
+    assert result["freed_bytes"] == 450 and len(result["removed"]) == 3
+    assert disk_files(cache_dir) == {}
+    again = json.loads(dtool_cache("clean", "--all", "--yes", "--json", env=env).stdout)
+    assert (again["removed"], again["freed_bytes"]) == ([], 0)
+
+
+def test_stale_partial_downloads_are_removed_fresh_ones_kept(cache_dir, make_env):
+    (cache_dir / "ds").mkdir()
+    stale, fresh = cache_dir / "ds" / "old.tmp", cache_dir / "ds" / "new.tmp"
+    stale.write_bytes(b"s" * 10)
+    fresh.write_bytes(b"f" * 20)
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    env = make_env(cache_dir)
+    assert json.loads(dtool_cache("summary", "--json", env=env).stdout)["num_partial"] == 2
+    result = json.loads(dtool_cache("clean", "--all", "--yes", "--json", env=env).stdout)
+    assert result["removed"] == ["ds/old.tmp"] and result["freed_bytes"] == 10
+    assert fresh.exists()
+
+
+# -- bad input -------------------------------------------------------------------------
+
+BAD = [
+    ["clean", "--retain-size", "1XB", "--yes"],
+    ["clean", "--retain-size", "-5GB", "--yes"],
+    ["clean", "--older-than", "-3d", "--yes"],
+    ["clean", "--older-than", "banana", "--yes"],
+    ["clean", "--all", "--retain-size", "1TB", "--yes"],
+    ["clean", "--all", "--older-than", "3d", "--yes"],
+    ["clean", "--all", "--yes", "--cache-dir", "/nonexistent/dtool-cache"],
+    ["clean", "--all", "--yes", "--dataset", "no-such-dataset"],
+    ["clean", "--all"],  # no TTY and no --yes
+    ["ls", "--dataset", "http://127.0.0.1:9/unknown"],
+    ["ls", "--sort", "colour"],
+    ["audit", "--since", "yesterday-ish"],
+]
+
+
+@pytest.mark.parametrize("args", BAD, ids=[" ".join(a) for a in BAD])
+def test_bad_input_is_one_line_exit_2_and_deletes_nothing(args, http_dataset, cache_dir,
+                                                          make_env):
+    ds = http_dataset({"a.txt": b"a" * 10})
+    env = make_env(cache_dir)
+    fetch(ds.uri, ds.identifiers["a.txt"], env)
+    before = disk_files(cache_dir)
+    result = dtool_cache(*args, env=env, check=False)
+    ours = [line for line in result.stderr.splitlines() if "pkg_resources" not in line]
+    assert result.returncode == 2, result.stderr
+    assert len(ours) == 1 and ours[0].startswith("Error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    assert disk_files(cache_dir) == before
+
+
+def _in_a_terminal(args, env, answer):
+    """Run a command with a real pseudo-terminal as its stdin/stdout and answer its prompt."""
+    import pty
+
+    main, child = pty.openpty()
+    proc = subprocess.Popen(args, env=env, stdin=child, stdout=child, stderr=child)
+    os.close(child)
+    output = b""
+    while b"Proceed?" not in output:
+        output += os.read(main, 4096)
+    os.write(main, answer)
+    try:
+        while True:
+            chunk = os.read(main, 4096)
+            if not chunk:
+                break
+            output += chunk
+    except OSError:  # EIO: the child closed the terminal
+        pass
+    proc.wait(timeout=60)
+    os.close(main)
+    return proc.returncode, output.decode()
+
+
+def test_interactive_clean_shows_the_plan_and_asks(http_dataset, cache_dir, make_env):
+    ds = http_dataset({"a.txt": b"a" * 10})
+    env = make_env(cache_dir)
+    fetch(ds.uri, ds.identifiers["a.txt"], env)
+    code, out = _in_a_terminal(["dtool-cache", "clean", "--all"], env, b"n\n")
+    assert code == 1 and "Would remove 1 files" in out and "Aborted" in out
+    assert len(disk_files(cache_dir)) == 1
+    code, out = _in_a_terminal(["dtool-cache", "clean", "--all"], env, b"y\n")
+    assert code == 0 and "Removed 1 files" in out
+    assert disk_files(cache_dir) == {}
+
+
+def test_verify_reports_and_fixes_damage(http_dataset, cache_dir, make_env):
+    ds = http_dataset({"a.bin": b"a" * 1000, "b.bin": b"b" * 1000})
+    env = make_env(cache_dir)
+    good = fetch(ds.uri, ds.identifiers["a.bin"], env)
+    bad = fetch(ds.uri, ds.identifiers["b.bin"], env)
+    with open(bad, "r+b") as fh:
+        fh.write(b"X")  # same size, different content
+    assert dtool_cache("verify", env=env).returncode == 0  # sizes are fine
+    found = dtool_cache("verify", "--hash", "--json", env=env, check=False)
+    assert found.returncode == 1
+    status = {r["relpath"]: r["status"] for r in json.loads(found.stdout)}
+    assert status == {os.path.relpath(good, cache_dir): "ok",
+                      os.path.relpath(bad, cache_dir): "hash mismatch"}
+    fixed = dtool_cache("verify", "--hash", "--fix", env=env, check=False)
+    assert fixed.returncode == 0 and "(fixed)" in fixed.stdout
+    assert not os.path.exists(bad) and os.path.exists(good)
+    assert fetch(ds.uri, ds.identifiers["b.bin"], env) == bad  # fetched again, intact
+    assert open(bad, "rb").read() == b"b" * 1000
