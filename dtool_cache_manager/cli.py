@@ -34,7 +34,19 @@ dataset_option = click.option("--dataset", metavar="URI-OR-UUID",
                               help="Only this dataset's items.")
 
 
-@click.group(context_settings=_CONTEXT)
+class _OneLineErrors(click.Group):
+    """Turn click's own usage errors in our subcommands (a bad --limit, an unknown option)
+    into one-line errors, like ours; this works under ``dtool cache`` as well."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+            raise BadInput(exc.format_message() + hint) from None
+
+
+@click.group(cls=_OneLineErrors, context_settings=_CONTEXT)
 @click.version_option(__version__, prog_name="dtool-cache-manager")
 def cache():
     """Inspect and clean the dtool item cache.
@@ -125,7 +137,7 @@ def clean(cache_dir, as_json, dataset, remove_all, older_than, retain_size,
         if ledger.readonly:
             raise BadInput(f"cannot clean {directory}: no write permission for its ledger")
         result = _execute(plan, ledger, show_progress=not as_json)
-    click.echo(formatting.render_clean_result(result, note if yes else None, as_json))
+    click.echo(formatting.render_clean_result(plan, result, note if yes else None, as_json))
 
 
 def _execute(plan, ledger, show_progress: bool):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import stat
 import time
 from dataclasses import dataclass
@@ -36,6 +37,14 @@ class RemovalOutcome:
     reason: str = ""
 
 
+def is_inside(cache_dir: str, relpath: str) -> bool:
+    """True if ``relpath`` names something inside the cache (not absolute, no '..', and no
+    symlinked directory leading out)."""
+    if os.path.isabs(relpath) or os.pardir in relpath.split(os.sep):
+        return False
+    return _inside(cache_dir, os.path.join(cache_dir, relpath))
+
+
 def _inside(cache_dir: str, abspath: str) -> bool:
     """True if ``abspath``'s directory really is inside the cache (symlinks resolved)."""
     real_cache = os.path.realpath(cache_dir)
@@ -47,7 +56,7 @@ def _unlink_checked(paths: MetaPaths, relpath: str, identifier: str, holders_fn,
                     on_removed: Callable[[], None]) -> RemovalOutcome:
     """Check and unlink under the item's exclusive gate; ``on_removed`` updates the ledger."""
     abspath = os.path.join(paths.cache_dir, relpath)
-    if os.path.isabs(relpath) or not _inside(paths.cache_dir, abspath):
+    if not is_inside(paths.cache_dir, relpath):
         return RemovalOutcome(relpath, False, reason="path is outside the cache directory")
     with exclusive_gate(paths, identifier):
         holders = holders_fn()
@@ -56,13 +65,23 @@ def _unlink_checked(paths: MetaPaths, relpath: str, identifier: str, holders_fn,
         try:
             st = os.lstat(abspath)
         except FileNotFoundError:
-            on_removed()
+            _record(on_removed, relpath)
             return RemovalOutcome(relpath, False, reason="already gone from disk")
         if not stat.S_ISREG(st.st_mode):
             return RemovalOutcome(relpath, False, reason="not a regular file")
         os.unlink(abspath)
-        on_removed()
+        _record(on_removed, relpath)
     return RemovalOutcome(relpath, True, freed_bytes=st.st_size)
+
+
+def _record(on_removed: Callable[[], None], relpath: str) -> None:
+    """Update the ledger after an unlink; if it cannot be written (disk full), the file is
+    still gone and the next reconcile drops its row."""
+    try:
+        on_removed()
+    except sqlite3.Error as exc:
+        logger.warning("dtool-cache-manager: removed %s but could not update the ledger (%s); "
+                       "the next run reconciles it", relpath, exc)
 
 
 def remove_item(ledger: Ledger, row: ItemRow, uri: Optional[str] = None) -> RemovalOutcome:
@@ -88,8 +107,14 @@ def forget_if_vanished(ledger: Ledger, row: ItemRow) -> bool:
     """Reconcile: drop the row of a file deleted or moved behind our back.
 
     Done under the gate, and not while anyone holds the item (it may be fetching it again).
+    A row whose path leads outside the cache cannot be ours: it is dropped at once.
     """
     paths = ledger.paths
+    if not is_inside(paths.cache_dir, row.relpath):
+        logger.warning("dtool-cache-manager: dropping a ledger row whose path leaves the cache: "
+                       "%r", row.relpath)
+        ledger.forget([row.relpath])
+        return True
     with exclusive_gate(paths, row.identifier):
         if os.path.lexists(os.path.join(paths.cache_dir, row.relpath)):
             return False
@@ -127,6 +152,7 @@ class CleanPlan:
     removals: Tuple[PlannedRemoval, ...]
     skipped_in_use: Tuple[Tuple[str, Tuple[Holder, ...]], ...]
     stale_partials: Tuple[PlannedRemoval, ...]
+    skipped_entries: Tuple[Tuple[str, str], ...] = ()  # (path, why) never considered
 
     @property
     def expected_freed_bytes(self) -> int:
@@ -158,7 +184,7 @@ class CleanPlan:
 def _remove_stale_partial(paths: MetaPaths, relpath: str) -> RemovalOutcome:
     """A leftover download; re-checked so a download that resumed is left alone."""
     abspath = os.path.join(paths.cache_dir, relpath)
-    if not _inside(paths.cache_dir, abspath):
+    if not is_inside(paths.cache_dir, relpath):
         return RemovalOutcome(relpath, False, reason="path is outside the cache directory")
     try:
         st = os.lstat(abspath)

@@ -34,6 +34,15 @@ def size(n: int) -> str:
     return humanfriendly.format_size(n, binary=True)
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def show(path: str) -> str:
+    """A path fit for a terminal: bytes that are not UTF-8 shown as \\xNN, not a crash."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _dumps(data) -> str:
     return json.dumps(data, indent=2, sort_keys=False)
 
@@ -56,22 +65,28 @@ def render_summary(summary: Summary, as_json: bool) -> str:
             ds["last_access"] = iso_utc(ds["last_access"])
         return _dumps(data)
     lines = [
-        f"Cache directory: {summary.cache_directory}",
+        f"Cache directory: {show(summary.cache_directory)}",
         f"Total size:      {size(summary.total_size_bytes)}",
-        f"Items:           {summary.num_items} in {summary.num_datasets} datasets",
-        f"In use now:      {summary.num_in_use}",
-        f"Untracked:       {summary.num_untracked} files, {size(summary.untracked_size_bytes)} "
-        "(on disk, never seen by a hook)",
-        f"Partial:         {summary.num_partial} leftover '*.tmp' downloads, "
+        f"Items:           {plural(summary.num_items, 'item')} in "
+        f"{plural(summary.num_datasets, 'dataset')}",
+        f"In use now:      {plural(summary.num_in_use, 'item')}",
+    ]
+    for holder in summary.in_use_by:
+        lines.append(f"                   held by {holder.user} (pid {holder.pid}): "
+                     f"{plural(holder.num_items, 'item')}, {size(holder.size_bytes)}")
+    lines += [
+        f"Untracked:       {plural(summary.num_untracked, 'file')}, "
+        f"{size(summary.untracked_size_bytes)} (on disk, never seen by a hook)",
+        f"Partial:         {plural(summary.num_partial, 'leftover download')} ('*.tmp'), "
         f"{size(summary.partial_size_bytes)}",
         "Last used:       " + ", ".join(f"{k}: {v}" for k, v in
                                         summary.age_distribution.items()),
     ]
-    for holder in summary.in_use_by:
-        lines.append(f"  held by {holder.user_at_host} (pid {holder.pid}): "
-                     f"{holder.num_items} items, {size(holder.size_bytes)}")
+    if summary.lost_records:
+        lines.append(f"Not recorded:    {plural(summary.lost_records, 'access')} "
+                     "(the disk was full)")
     if summary.datasets:
-        rows = [[d.uris[0] if d.uris else d.key, str(d.num_items), size(d.size_bytes),
+        rows = [[show(d.uris[0] if d.uris else d.key), str(d.num_items), size(d.size_bytes),
                  ago(d.last_access)] for d in summary.datasets]
         lines += ["", format_pretty_table(rows, ["Dataset", "Items", "Size", "Last access"])]
     return "\n".join(lines)
@@ -105,7 +120,7 @@ def render_items(items: Sequence[ItemView], as_json: bool) -> str:
         return _dumps([item_json(i) for i in items])
     if not items:
         return "No cached items."
-    rows = [[i.relpath, size(i.size_bytes), str(i.access_count) if i.row else "-",
+    rows = [[show(i.relpath), size(i.size_bytes), str(i.access_count) if i.row else "0",
              ago(i.last_access) if i.row else "untracked",
              _holders_text(i.holders) or "-"] for i in items]
     return format_pretty_table(rows, ["Path", "Size", "Uses", "Last access", "In use by"])
@@ -122,35 +137,41 @@ def render_clean_plan(plan: CleanPlan, note: Optional[str], as_json: bool) -> st
             "freed_bytes": plan.expected_freed_bytes,
             "skipped_in_use": [{"path": r, "holders": _holder_list(h)}
                                for r, h in plan.skipped_in_use],
+            "skipped": [{"path": r, "reason": why} for r, why in plan.skipped_entries],
             "dry_run": True,
         })
     lines = [note] if note else []
     if not planned:
         lines.append("Nothing to remove.")
     else:
-        lines.append(f"Would remove {len(planned)} files, freeing "
+        lines.append(f"Would remove {plural(len(planned), 'file')}, freeing "
                      f"{size(plan.expected_freed_bytes)}:")
-        lines += [f"  {p.relpath}  ({size(p.size_bytes)})" for p in planned]
-    lines += [f"Keeping {r} (in use by {_holders_text(h)})" for r, h in plan.skipped_in_use]
+        lines += [f"  {show(p.relpath)}  ({size(p.size_bytes)})" for p in planned]
+    lines += [f"Keeping {show(r)} (in use by {_holders_text(h)})"
+              for r, h in plan.skipped_in_use]
+    lines += [f"Skipping {show(r)}: {why}" for r, why in plan.skipped_entries]
     return "\n".join(lines)
 
 
-def render_clean_result(result: CleanResult, note: Optional[str], as_json: bool) -> str:
+def render_clean_result(plan: CleanPlan, result: CleanResult, note: Optional[str],
+                        as_json: bool) -> str:
     in_use = [o for o in result.skipped if o.holders]
-    other = [o for o in result.skipped if not o.holders]
+    other = [(o.relpath, o.reason) for o in result.skipped if not o.holders]
+    other += list(plan.skipped_entries)
     if as_json:
         return _dumps({
             "removed": [o.relpath for o in result.removed],
             "freed_bytes": result.freed_bytes,
             "skipped_in_use": [{"path": o.relpath, "holders": _holder_list(o.holders)}
                                for o in in_use],
-            "skipped": [{"path": o.relpath, "reason": o.reason} for o in other],
+            "skipped": [{"path": r, "reason": why} for r, why in other],
             "dry_run": False,
         })
     lines = [note] if note else []
-    lines.append(f"Removed {len(result.removed)} files, freed {size(result.freed_bytes)}.")
-    lines += [f"Kept {o.relpath}: in use by {_holders_text(o.holders)}" for o in in_use]
-    lines += [f"Skipped {o.relpath}: {o.reason}" for o in other]
+    lines.append(f"Removed {plural(len(result.removed), 'file')}, freed "
+                 f"{size(result.freed_bytes)}.")
+    lines += [f"Kept {show(o.relpath)}: in use by {_holders_text(o.holders)}" for o in in_use]
+    lines += [f"Skipped {show(r)}: {why}" for r, why in other]
     return "\n".join(lines)
 
 
@@ -183,12 +204,18 @@ def render_audit(rows: Sequence[AuditRow], total: AuditRow, by: str, as_json: bo
 
 def render_verify(results: Sequence[VerifyResult], as_json: bool) -> str:
     if as_json:
-        return _dumps([dict(dataclasses.asdict(r), holders=_holder_list(r.holders))
-                       for r in results])
+        rows = []
+        for r in results:
+            row = dataclasses.asdict(r)
+            row["path"] = row.pop("relpath")
+            row["holders"] = _holder_list(r.holders)
+            rows.append(row)
+        return _dumps(rows)
     bad = [r for r in results if r.status != OK]
-    lines = [f"Checked {len(results)} files: {len(results) - len(bad)} ok."]
+    lines = [f"Checked {plural(len(results), 'tracked file')}: {len(results) - len(bad)} ok."]
     for r in bad:
         fixed = " (fixed)" if r.fixed else ""
         held = f" (in use by {_holders_text(r.holders)})" if r.holders else ""
-        lines.append(f"  {r.status}: {r.relpath} {r.detail}{fixed}{held}".rstrip())
+        detail = f": {r.detail}" if r.detail else ""
+        lines.append(f"  {r.status}: {show(r.relpath)}{detail}{fixed}{held}")
     return "\n".join(lines)

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, Iterator, List, NamedTuple, Optional, Set, Tuple
 
-from .layout import Identity, MetaPaths, ensure_dir
+from .layout import Identity, MetaPaths, ensure_dir, share_file
 from .rangelock import open_range_lock
 
 logger = logging.getLogger(__name__)
@@ -79,8 +79,8 @@ class HoldsFile:
         self.paths = paths
         self.identity = identity
         self.token = token or f"{identity.host}.{identity.pid}.{secrets.token_hex(4)}"
-        ensure_dir(paths.holds_dir)
-        self.gate = open_range_lock(paths.gate_lock)
+        ensure_dir(paths.holds_dir, paths.shared)
+        self.gate = open_range_lock(paths.gate_lock, paths.shared)
         self.path = os.path.join(paths.holds_dir, self.token)
         self._fd = self._create_locked()
         self._lock = threading.Lock()
@@ -94,6 +94,7 @@ class HoldsFile:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC,
                      0o666)
         try:
+            share_file(fd, self.paths.shared)
             fcntl.flock(fd, fcntl.LOCK_EX)
             header = [
                 "h", FORMAT_VERSION, self.identity.user, self.identity.host,
@@ -264,5 +265,6 @@ def _unlink_quietly(path: str) -> None:
 @contextmanager
 def exclusive_gate(paths: MetaPaths, identifier: str) -> Iterator[None]:
     """Shut out new holds of ``identifier`` while a removal decides and acts."""
-    with open_range_lock(paths.gate_lock).locked(gate_key(identifier), exclusive=True):
+    with open_range_lock(paths.gate_lock, paths.shared).locked(gate_key(identifier),
+                                                               exclusive=True):
         yield

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Optional
 import dtoolcore
 from dtoolcore.utils import generous_parse_uri
 
-from .layout import MetaPaths, configured_cache_dir, tracking_disabled
+from .layout import MetaPaths, configured_cache_dir, ensure_dir, tracking_disabled
 from .rangelock import open_range_lock
 
 logger = logging.getLogger(__name__)
@@ -170,8 +170,7 @@ def _tracked_call(dataset, identifier: str, original) -> str:
             hooks.pre(uri, identifier)
         except Exception as exc:  # noqa: BLE001 - each hook is guarded; this is pluggy itself
             _warn(f"pre hooks failed ({exc!r})")
-        # Stamp the access after the hold: had it waited for a removal, it now comes after it.
-        access.started = time.time()
+        access.started = time.time()  # after the hold, which may have waited for a removal
         if plan is None:
             abspath = original(dataset, identifier)
         else:
@@ -273,7 +272,8 @@ def _fetch_single_flight(access: Access, plan: ItemPlan, dataset, identifier: st
     cannot be had (read-only cache, no lock support), fetch as upstream does.
     """
     try:
-        locked = open_range_lock(access.placement.paths.fetch_lock).locked(
+        paths = access.placement.paths
+        locked = open_range_lock(paths.fetch_lock, paths.shared).locked(
             plan.abspath, exclusive=True)
         locked.__enter__()
     except Exception as exc:  # noqa: BLE001
@@ -283,6 +283,8 @@ def _fetch_single_flight(access: Access, plan: ItemPlan, dataset, identifier: st
         if _is_hit(access, plan):  # another process fetched it while we waited
             return original(dataset, identifier)
         _discard_if_truncated(plan)
+        if paths.shared:
+            _prepare_shared_dirs(paths, os.path.dirname(os.path.abspath(plan.abspath)))
         return _timed_miss(access, dataset, identifier, original)
     finally:
         try:
@@ -326,6 +328,20 @@ def _discard_if_truncated(plan: ItemPlan) -> None:
         os.unlink(plan.abspath)
     except OSError:
         pass
+
+
+def _prepare_shared_dirs(paths: MetaPaths, item_dir: str) -> None:
+    """Create the dataset's directories group-writable before the broker does.
+
+    Brokers create them with the user's umask (often 755): then nobody else in the group
+    could add items there or clean them.  Directories made earlier by others we cannot fix;
+    say so, since the broker is about to fail on them.
+    """
+    try:
+        ensure_dir(item_dir, shared=True)
+    except OSError as exc:
+        logger.warning("dtool-cache-manager: %s is not group-writable and is not yours (%s); "
+                       "ask its owner to run: chmod g+ws %s", item_dir, exc, item_dir)
 
 
 def _timed_miss(access: Access, dataset, identifier: str, original) -> str:

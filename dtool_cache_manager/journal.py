@@ -12,23 +12,31 @@ Record kinds (first element of each line)::
     ["a", relpath, uri, uuid, identifier, scheme, t_us, miss, size, mtime_us, fetch_us]
     ["m", relpath, item_relpath, manifest_size, manifest_hash, hash_function]  once per item
                                                                       per process
+    ["x", count]     accesses this process could not journal (full disk or quota)
+
+When a write fails (ENOSPC, EDQUOT, EFBIG) the lines wait in memory and are written, in
+order, by the next write that succeeds; past ``MAX_PENDING`` lines they are only counted,
+and the count is journalled as an ``x`` record once space returns.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
-from .layout import Identity, MetaPaths, ensure_dir
+from .layout import Identity, MetaPaths, ensure_dir, share_file
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 SUFFIX = ".jsonl"
+MAX_PENDING = 100_000  # lines kept in memory while the disk is full
 
 
 @dataclass(frozen=True)
@@ -60,14 +68,25 @@ class ManifestRecord:
     hash_function: Optional[str]  # as the manifest names it, e.g. "md5sum_hexdigest"
 
 
+@dataclass(frozen=True)
+class LostRecord:
+    """Accesses a process could not journal, as it reported once it could write again."""
+
+    count: int
+
+
 class JournalWriter:
     """This process's journal in one cache directory."""
 
     def __init__(self, paths: MetaPaths, identity: Identity, token: str):
-        ensure_dir(paths.journal_dir)
+        ensure_dir(paths.journal_dir, paths.shared)
         self.path = os.path.join(paths.journal_dir, token + SUFFIX)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
                            0o666)
+        share_file(self._fd, paths.shared)
+        self._pending: collections.deque = collections.deque()  # unwritten bytes, in order
+        self._lost = 0
+        self._lock = threading.Lock()
         header = ["j", FORMAT_VERSION, identity.user, identity.host, identity.pid, time.time()]
         os.write(self._fd, (json.dumps(header) + "\n").encode())
 
@@ -78,9 +97,10 @@ class JournalWriter:
         The caller keeps the prefix, so that each access only formats five numbers.
         """
         if manifest is not None:
-            self._write(json.dumps(["m", manifest.relpath, manifest.item_relpath,
-                                    manifest.manifest_size, manifest.manifest_hash,
-                                    manifest.hash_function]) + "\n")
+            line = json.dumps(["m", manifest.relpath, manifest.item_relpath,
+                               manifest.manifest_size, manifest.manifest_hash,
+                               manifest.hash_function]) + "\n"
+            self._emit(line.encode("utf-8", "surrogateescape"))
         return ('["a",' + json.dumps([relpath, uri, uuid, identifier, scheme])[1:-1]
                 + ",").encode("utf-8", "surrogateescape")
 
@@ -88,13 +108,61 @@ class JournalWriter:
                       fetch_seconds: float) -> None:
         """One access, one ``os.write``: a crash loses at most this line."""
         # Integers (µs) format in half the time of floats.
-        os.write(self._fd, prefix + b"%d,%d,%d,%d,%d]\n"
-                 % (t * 1e6, miss, size, mtime * 1e6, fetch_seconds * 1e6))
+        self._emit(prefix + b"%d,%d,%d,%d,%d]\n" % (t * 1e6, miss, size, mtime * 1e6,
+                                                     fetch_seconds * 1e6))
 
-    def _write(self, line: str) -> None:
-        os.write(self._fd, line.encode("utf-8", "surrogateescape"))
+    def _emit(self, line: bytes) -> None:
+        if self._pending:  # keep the order: older lines first
+            self._hold_back(line, None)
+            self.flush()
+            return
+        try:
+            written = os.write(self._fd, line)
+        except OSError as exc:
+            self._hold_back(line, exc)
+            return
+        if written < len(line):  # the disk filled up mid-line: finish the line later
+            self._hold_back(line[written:], None)
+
+    def _hold_back(self, data: bytes, exc: Optional[OSError]) -> None:
+        with self._lock:
+            if not self._pending:
+                logger.warning("dtool-cache-manager: cannot write the access journal %s (%s); "
+                               "keeping accesses in memory until space returns", self.path,
+                               exc or "disk full")
+            if len(self._pending) < MAX_PENDING:
+                self._pending.append(data)
+            else:
+                self._lost += 1
+
+    def flush(self) -> bool:
+        """Write what the disk refused before; True once nothing is left over."""
+        with self._lock:
+            while self._pending:
+                chunk = self._pending[0]
+                try:
+                    written = os.write(self._fd, chunk)
+                except OSError:
+                    return False
+                if written < len(chunk):
+                    self._pending[0] = chunk[written:]
+                    return False
+                self._pending.popleft()
+            if self._lost:
+                marker = ('["x",%d]\n' % self._lost).encode()
+                try:
+                    if os.write(self._fd, marker) != len(marker):
+                        return False  # cannot happen at a line start short of a full disk
+                except OSError:
+                    return False
+                logger.warning("dtool-cache-manager: %d accesses could not be recorded while "
+                               "the disk was full", self._lost)
+                self._lost = 0
+            return True
 
     def close(self) -> None:
+        if self._pending or self._lost:
+            self.flush()
         os.close(self._fd)
 
 
@@ -122,6 +190,8 @@ def parse_journal(data: bytes, user: str = "?", host: str = "?") -> Tuple[List[o
                                             rec[9] / 1e6, rec[10] / 1e6))
             elif kind == "m":
                 records.append(ManifestRecord(rec[1], rec[2], rec[3], rec[4], rec[5]))
+            elif kind == "x":
+                records.append(LostRecord(int(rec[1])))
         except (ValueError, IndexError, TypeError, KeyError):
             logger.warning("dtool-cache-manager: skipping a malformed journal line: %r",
                            raw[:200])

@@ -6,9 +6,11 @@ cache shares the same numbers, and so that a scan of the cache can skip it by na
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import socket
+import stat
 from dataclasses import dataclass
 from typing import Optional
 
@@ -42,6 +44,11 @@ class MetaPaths:
     """Paths of our bookkeeping files for one cache directory."""
 
     cache_dir: str
+
+    @functools.cached_property
+    def shared(self) -> bool:
+        """A group-writable cache is shared: then everything we create is group-writable."""
+        return is_shared(self.cache_dir)
 
     @property
     def meta_dir(self) -> str:
@@ -106,6 +113,49 @@ def current_identity() -> Identity:
     return Identity(user=user, host=socket.gethostname(), pid=os.getpid())
 
 
-def ensure_dir(path: str) -> None:
-    """Create ``path`` (and parents) if needed."""
-    os.makedirs(path, exist_ok=True)
+def is_shared(cache_dir: str) -> bool:
+    try:
+        return bool(os.stat(cache_dir).st_mode & stat.S_IWGRP)
+    except OSError:
+        return False
+
+
+SHARED_DIR_MODE = 0o2775  # group rwx, setgid so new entries keep the cache's group
+SHARED_FILE_MODE = 0o664
+
+
+def ensure_dir(path: str, shared: bool = False) -> None:
+    """Create ``path`` (and parents); in a shared cache, make what we own group-writable,
+    whatever the umask (huggingface_hub#1141, #2580)."""
+    if not shared:
+        os.makedirs(path, exist_ok=True)
+        return
+    parent = os.path.dirname(path)
+    if parent and parent != path and not os.path.isdir(parent):
+        ensure_dir(parent, shared)
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        pass
+    share_dir(path)
+
+
+def share_dir(path: str) -> None:
+    """Make a directory we own group-writable (and setgid); others' we leave alone."""
+    st = os.stat(path)
+    if st.st_uid == os.geteuid() and (st.st_mode & 0o7777) | SHARED_DIR_MODE != st.st_mode & 0o7777:
+        os.chmod(path, (st.st_mode & 0o7777) | SHARED_DIR_MODE)
+
+
+def share_file(path_or_fd, shared: bool) -> None:
+    """Make a file we just created group-readable and -writable in a shared cache."""
+    if not shared:
+        return
+    fd = path_or_fd if isinstance(path_or_fd, int) else None
+    st = os.fstat(fd) if fd is not None else os.stat(path_or_fd)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o777 == SHARED_FILE_MODE:
+        return  # someone else's file, or already right
+    if fd is not None:
+        os.fchmod(fd, SHARED_FILE_MODE)
+    else:
+        os.chmod(path_or_fd, SHARED_FILE_MODE)

@@ -14,14 +14,20 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from . import holds, journal
-from .layout import MetaPaths, ensure_dir
+from .layout import MetaPaths, ensure_dir, share_file
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# Upgrades from each older version, applied in order in one transaction.
+_MIGRATIONS = {
+    1: ("ALTER TABLE items ADD COLUMN hash_function TEXT",
+        "ALTER TABLE usage ADD COLUMN miss_bytes INTEGER NOT NULL DEFAULT 0"),
+}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -70,6 +76,10 @@ class LedgerError(Exception):
     """The ledger cannot be opened or written."""
 
 
+class _Unusable(Exception):
+    """A file that is a database but not a ledger we can use: moved aside like garbage."""
+
+
 @dataclass(frozen=True)
 class ItemRow:
     """One cached file as the ledger knows it."""
@@ -97,6 +107,24 @@ class ItemRow:
 _ITEM_COLUMNS = ", ".join(ItemRow.__dataclass_fields__)
 
 
+def to_db(relpath: str) -> Union[str, bytes]:
+    """A path as SQLite stores it: text, or the raw bytes of a name that is not UTF-8
+    (SQLite text must be valid UTF-8; such names come from a shared directory)."""
+    try:
+        relpath.encode("utf-8")
+        return relpath
+    except UnicodeEncodeError:
+        return os.fsencode(relpath)
+
+
+def from_db(value: Union[str, bytes]) -> str:
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+def _item_row(values) -> ItemRow:
+    return ItemRow(from_db(values[0]), *values[1:])
+
+
 class _Batch:
     """Journal records folded in memory, so one compaction issues one statement per row."""
 
@@ -107,10 +135,14 @@ class _Batch:
         self.users: Dict[Tuple[str, str], list] = {}
         self.usage: Dict[Tuple[int, str, str, str], list] = {}
         self.manifests: Dict[str, journal.ManifestRecord] = {}
+        self.lost = 0
 
     def add(self, rec) -> None:
         if isinstance(rec, journal.ManifestRecord):
             self.manifests[rec.relpath] = rec
+            return
+        if isinstance(rec, journal.LostRecord):
+            self.lost += rec.count
             return
         user = f"{rec.user}@{rec.host}"
         hit, miss = (0, 1) if rec.miss else (1, 0)
@@ -158,25 +190,35 @@ class Ledger:
             if not os.path.exists(path):
                 return self._memory()
             # A read-only member folds pending journals into a private in-memory copy.
-            source = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=self.timeout,
-                                     isolation_level=None)
-            try:
-                self._check_version(source)
-                conn = sqlite3.connect(":memory:", isolation_level=None)
-                source.backup(conn)
-            finally:
-                source.close()
-            return conn
-        ensure_dir(self.paths.meta_dir)
+            return self._read_only_copy(path)
+        ensure_dir(self.paths.meta_dir, self.paths.shared)
         try:
             return self._open_writable(path)
-        except sqlite3.DatabaseError as exc:
-            if isinstance(exc, sqlite3.OperationalError) and not _is_corruption(exc):
+        except (sqlite3.DatabaseError, _Unusable) as exc:
+            if not _is_corruption(exc):
                 raise LedgerError(f"cannot open ledger {path}: {exc}") from exc
             aside = _move_aside(path)
             logger.warning("dtool-cache-manager: ledger %s is unreadable (%s); moved it to %s "
                            "and started a new one (no cached file was touched)", path, exc, aside)
             return self._open_writable(path)
+
+    def _read_only_copy(self, path: str) -> sqlite3.Connection:
+        # Without write access a WAL database opens only while its -shm exists; when it
+        # does not, read the file as immutable (the copy is made at once, so it is brief).
+        for query in ("mode=ro", "mode=ro&immutable=1"):
+            try:
+                source = sqlite3.connect(f"file:{path}?{query}", uri=True, timeout=self.timeout,
+                                         isolation_level=None)
+                try:
+                    self._check_version(source)
+                    conn = sqlite3.connect(":memory:", isolation_level=None)
+                    source.backup(conn)
+                    return conn
+                finally:
+                    source.close()
+            except sqlite3.OperationalError as exc:
+                error = exc
+        raise LedgerError(f"cannot read ledger {path}: {error}")
 
     @staticmethod
     def _memory() -> sqlite3.Connection:
@@ -187,17 +229,49 @@ class Ledger:
     def _open_writable(self, path: str) -> sqlite3.Connection:
         conn = sqlite3.connect(path, timeout=self.timeout, isolation_level=None)
         try:
+            share_file(path, self.paths.shared)  # SQLite gives -wal/-shm the same mode
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(
-                "BEGIN IMMEDIATE;" + _SCHEMA
-                + f"INSERT OR IGNORE INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');"
-                + "COMMIT;")
+            conn.execute("BEGIN IMMEDIATE")  # creators and upgraders take turns
+            version = self._version(conn)
+            if version < SCHEMA_VERSION:
+                self._migrate(conn, version)
+            conn.execute("COMMIT")
             self._check_version(conn)
         except BaseException:
             conn.close()
             raise
         return conn
+
+    @staticmethod
+    def _version(conn: sqlite3.Connection) -> int:
+        """The schema version, creating the schema in an empty database."""
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not tables:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            return SCHEMA_VERSION
+        if "meta" not in tables:
+            raise _Unusable("it has no meta table: not a ledger of ours")
+        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        return int(row[0]) if row else 0
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection, version: int) -> None:
+        if version not in _MIGRATIONS:
+            raise _Unusable(f"schema {version} is too old to upgrade")
+        logger.info("dtool-cache-manager: upgrading ledger schema %d -> %d", version,
+                    SCHEMA_VERSION)
+        for old in range(version, SCHEMA_VERSION):
+            for statement in _MIGRATIONS[old]:
+                conn.execute(statement)
+        for statement in _SCHEMA.split(";"):  # tables and indexes added since
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                     (str(SCHEMA_VERSION),))
 
     @staticmethod
     def _check_version(conn: sqlite3.Connection) -> None:
@@ -238,7 +312,8 @@ class Ledger:
         with self._transaction() if not self.readonly else _nothing() as conn:
             conn = conn or self.conn
             offsets = dict(conn.execute("SELECT token, offset FROM journals"))
-            removed_at = dict(conn.execute("SELECT relpath, removed_at FROM removals"))
+            removed_at = {from_db(r): t for r, t in conn.execute(
+                "SELECT relpath, removed_at FROM removals")}
             batch = _Batch(removed_at)
             for token, path in journal.iter_journals(self.paths):
                 if only_token is not None and token != only_token:
@@ -286,62 +361,77 @@ class Ledger:
                  last_access = max(coalesce(last_access, 0), excluded.last_access),
                  hits = hits + excluded.hits, misses = misses + excluded.misses,
                  fetch_seconds = fetch_seconds + excluded.fetch_seconds""",
-            [(relpath, *v[:9]) for relpath, v in batch.items.items()])
-        conn.executemany("INSERT OR IGNORE INTO item_uris VALUES (?, ?)", batch.uris)
+            [(to_db(relpath), *v[:9]) for relpath, v in batch.items.items()])
+        conn.executemany("INSERT OR IGNORE INTO item_uris (relpath, uri) VALUES (?, ?)",
+                         [(to_db(r), uri) for r, uri in batch.uris])
         conn.executemany(
-            """INSERT INTO item_users VALUES (?, ?, ?, ?, ?)
+            """INSERT INTO item_users (relpath, user, hits, misses, last_access)
+               VALUES (?, ?, ?, ?, ?)
                ON CONFLICT (relpath, user) DO UPDATE SET
                  hits = hits + excluded.hits, misses = misses + excluded.misses,
                  last_access = max(coalesce(last_access, 0), excluded.last_access)""",
-            [(relpath, user, *v) for (relpath, user), v in batch.users.items()])
+            [(to_db(relpath), user, *v) for (relpath, user), v in batch.users.items()])
         conn.executemany(
-            """INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            """INSERT INTO usage (hour, relpath, user, uri, uuid, identifier, hits, misses,
+                                  hit_bytes, miss_bytes, fetch_seconds)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT (hour, relpath, user, uri) DO UPDATE SET
                  hits = hits + excluded.hits, misses = misses + excluded.misses,
                  hit_bytes = hit_bytes + excluded.hit_bytes,
                  miss_bytes = miss_bytes + excluded.miss_bytes,
                  fetch_seconds = fetch_seconds + excluded.fetch_seconds""",
-            [(*key, *v) for key, v in batch.usage.items()])
+            [(hour, to_db(relpath), user, uri, *v)
+             for (hour, relpath, user, uri), v in batch.usage.items()])
         conn.executemany(
             """UPDATE items SET item_relpath = ?, manifest_size = ?, manifest_hash = ?,
                                 hash_function = ?
                WHERE relpath = ?""",
-            [(m.item_relpath, m.manifest_size, m.manifest_hash, m.hash_function, m.relpath)
-             for m in batch.manifests.values()])
+            [(m.item_relpath, m.manifest_size, m.manifest_hash, m.hash_function,
+              to_db(m.relpath)) for m in batch.manifests.values()])
+        if batch.lost:
+            conn.execute("""INSERT INTO meta VALUES ('lost_records', ?)
+                            ON CONFLICT (key) DO UPDATE SET
+                              value = CAST(value AS INTEGER) + excluded.value""",
+                         (batch.lost,))
+
+    def lost_records(self) -> int:
+        """Accesses that processes could not journal (full disk, quota), as they reported."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'lost_records'").fetchone()
+        return int(row[0]) if row else 0
 
     # -- queries -----------------------------------------------------------------------
 
     def items(self) -> List[ItemRow]:
-        return [ItemRow(*r) for r in self.conn.execute(f"SELECT {_ITEM_COLUMNS} FROM items")]
+        return [_item_row(r) for r in self.conn.execute(f"SELECT {_ITEM_COLUMNS} FROM items")]
 
     def item(self, relpath: str) -> Optional[ItemRow]:
         row = self.conn.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE relpath = ?",
-                                (relpath,)).fetchone()
-        return ItemRow(*row) if row else None
+                                (to_db(relpath),)).fetchone()
+        return _item_row(row) if row else None
 
     def items_for(self, uri: str, identifier: str) -> List[ItemRow]:
         """Rows of the files that (uri, identifier) was served from."""
         cols = ", ".join(f"items.{c}" for c in ItemRow.__dataclass_fields__)
-        return [ItemRow(*r) for r in self.conn.execute(
+        return [_item_row(r) for r in self.conn.execute(
             f"""SELECT {cols} FROM items JOIN item_uris USING (relpath)
                 WHERE item_uris.uri = ? AND items.identifier = ?""", (uri, identifier))]
 
     def uris_of(self, relpath: str) -> List[str]:
         return [r[0] for r in self.conn.execute(
-            "SELECT uri FROM item_uris WHERE relpath = ? ORDER BY uri", (relpath,))]
+            "SELECT uri FROM item_uris WHERE relpath = ? ORDER BY uri", (to_db(relpath),))]
 
     def users_of(self, relpath: str) -> Dict[str, Tuple[int, int, float]]:
         """user@host -> (hits, misses, last_access)."""
         return {r[0]: (r[1], r[2], r[3]) for r in self.conn.execute(
             "SELECT user, hits, misses, last_access FROM item_users WHERE relpath = ?",
-            (relpath,))}
+            (to_db(relpath),))}
 
     # -- removal -----------------------------------------------------------------------
 
     def forget(self, relpaths: Iterable[str], removed_at: Optional[float] = None) -> None:
         """Drop rows of removed files; accesses journalled before ``removed_at`` stay history."""
         when = time.time() if removed_at is None else removed_at
-        rows = [(r,) for r in relpaths]
+        rows = [(to_db(r),) for r in relpaths]
         with self._transaction() as conn:
             for table in ("items", "item_uris", "item_users"):
                 conn.executemany(f"DELETE FROM {table} WHERE relpath = ?", rows)
@@ -366,9 +456,13 @@ def _journal_owner_alive(paths: MetaPaths, token: str) -> bool:
         os.close(fd)
 
 
-def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
+def _is_corruption(exc: Exception) -> bool:
+    """Only damage moves a ledger aside; a busy or read-only ledger is an error to report."""
+    if isinstance(exc, _Unusable):
+        return True
     text = str(exc).lower()
-    return any(s in text for s in ("not a database", "malformed", "no such table", "corrupt"))
+    return any(s in text for s in ("not a database", "malformed", "corrupt", "no such table",
+                                   "no such column"))
 
 
 def _move_aside(path: str) -> str:

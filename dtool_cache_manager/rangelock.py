@@ -14,6 +14,8 @@ import threading
 from contextlib import contextmanager
 from typing import Dict, Iterator, Tuple
 
+from .layout import share_file
+
 _OFFSET_BITS = 62
 
 
@@ -26,9 +28,10 @@ def key_offset(key: str) -> int:
 class RangeLockFile:
     """Shared/exclusive locks on one byte per key of ``path``."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, shared: bool = False):
         self.path = path
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        share_file(self._fd, shared)
         self._thread_locks: Dict[int, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -56,7 +59,7 @@ _OPEN: Dict[Tuple[int, str], RangeLockFile] = {}
 _OPEN_GUARD = threading.Lock()
 
 
-def open_range_lock(path: str) -> RangeLockFile:
+def open_range_lock(path: str, shared: bool = False) -> RangeLockFile:
     """The process's one handle on ``path``.
 
     Closing *any* descriptor of a file drops *all* of the process's record locks on it, so
@@ -66,5 +69,5 @@ def open_range_lock(path: str) -> RangeLockFile:
     with _OPEN_GUARD:
         handle = _OPEN.get(key)
         if handle is None:
-            handle = _OPEN[key] = RangeLockFile(path)
+            handle = _OPEN[key] = RangeLockFile(path, shared)
         return handle

@@ -7,7 +7,9 @@ is pure assembly into frozen dataclasses; printing is :mod:`formatting`'s job.
 
 from __future__ import annotations
 
+import logging
 import os
+import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -16,13 +18,15 @@ from dtoolcore.utils import sanitise_uri
 
 from .api import open_ledger
 from .executor import (STALE_PARTIAL_SECONDS, CleanPlan, PlannedRemoval,
-                       forget_if_vanished)
+                       forget_if_vanished, is_inside)
 from .holds import Holder, live_holds
 from .layout import MetaPaths
 from .ledger import ItemRow
 from .params import BadInput
 from .policies import Candidate, Rules, select
 from .scan import CachedFile, scan_cache
+
+logger = logging.getLogger(__name__)
 
 DAY = 86400.0
 AGE_BUCKETS = (("last day", DAY), ("last week", 7 * DAY), ("last month", 30 * DAY))
@@ -36,6 +40,7 @@ class ItemView:
     row: Optional[ItemRow]  # None: untracked (never seen by a hook)
     uris: Tuple[str, ...]
     holders: Tuple[Holder, ...]
+    neighbour_uuid: Optional[str] = None  # dataset of tracked files in the same directory
 
     @property
     def relpath(self) -> str:
@@ -70,8 +75,11 @@ class ItemView:
 
     @property
     def dataset_key(self) -> str:
-        """The dataset UUID, or the directory for files the ledger never saw."""
-        return self.row.uuid if self.row else os.path.dirname(self.file.relpath)
+        """The dataset UUID; for an untracked file, that of tracked files beside it, else
+        its directory."""
+        if self.row:
+            return self.row.uuid
+        return self.neighbour_uuid or os.path.dirname(self.file.relpath)
 
     def matches_dataset(self, wanted: str) -> bool:
         return wanted in (self.dataset_key, *self.uris) or (
@@ -83,7 +91,9 @@ class Inventory:
     cache_dir: str
     items: Tuple[ItemView, ...]
     partials: Tuple[CachedFile, ...]
+    skipped: Tuple[Tuple[str, str], ...]  # (path, why): symlinks, special files, bad rows
     forgotten: int  # ledger rows dropped because their files had vanished
+    lost_records: int
 
     @property
     def total_size_bytes(self) -> int:
@@ -96,23 +106,41 @@ def inventory(cache_dir: str, dataset: Optional[str] = None) -> Inventory:
     paths = MetaPaths(cache_dir)
     on_disk = {f.relpath for f in disk.files}
     forgotten = 0
+    skipped = list(disk.skipped)
     with open_ledger(cache_dir) as ledger:
         rows = {row.relpath: row for row in ledger.items()}
-        for relpath, row in rows.items():
+        for relpath, row in list(rows.items()):
+            if not is_inside(cache_dir, relpath):
+                skipped.append((relpath, "ledger row points outside the cache; dropped"))
+                del rows[relpath]
             if relpath not in on_disk and not ledger.readonly:
-                forgotten += forget_if_vanished(ledger, row)
+                forgotten += _reconcile(ledger, row)
         uris = {relpath: tuple(ledger.uris_of(relpath)) for relpath in rows}
+        lost = ledger.lost_records()
     holds = live_holds(paths, reap=os.access(paths.holds_dir, os.W_OK))
+    dir_uuid = {os.path.dirname(r): row.uuid for r, row in rows.items()}
     items = tuple(ItemView(f, rows.get(f.relpath), uris.get(f.relpath, ()),
-                           _holders(f, rows.get(f.relpath), holds))
+                           _holders(f, rows.get(f.relpath), holds),
+                           dir_uuid.get(os.path.dirname(f.relpath)))
                   for f in disk.files)
+    partials = disk.partials
     if dataset is not None:
         wanted = _normalise_dataset(dataset)
         items = tuple(i for i in items if i.matches_dataset(wanted))
         if not items:
             raise BadInput(f"no cached items of dataset {dataset!r} in {cache_dir} "
                            "(give its URI or UUID as `dtool cache ls` shows it)")
-    return Inventory(cache_dir, items, disk.partials, forgotten)
+        dirs = {os.path.dirname(i.relpath) for i in items}
+        partials = tuple(p for p in partials if os.path.dirname(p.relpath) in dirs)
+    return Inventory(cache_dir, items, partials, tuple(skipped), forgotten, lost)
+
+
+def _reconcile(ledger, row: ItemRow) -> int:
+    try:
+        return int(forget_if_vanished(ledger, row))
+    except (OSError, sqlite3.Error) as exc:  # e.g. a full disk: report, reconcile later
+        logger.warning("dtool-cache-manager: could not reconcile %s (%s)", row.relpath, exc)
+        return 0
 
 
 def _normalise_dataset(value: str) -> str:
@@ -148,7 +176,7 @@ class DatasetSummary:
 
 @dataclass(frozen=True)
 class HolderSummary:
-    user_at_host: str
+    user: str  # user@host
     pid: int
     num_items: int
     size_bytes: int
@@ -170,6 +198,7 @@ class Summary:
     age_distribution: Dict[str, int]  # bucket -> items last used in it
     in_use_by: Tuple[HolderSummary, ...]
     datasets: Tuple[DatasetSummary, ...]
+    lost_records: int  # accesses processes could not journal (full disk)
 
 
 def summarize(cache_dir: str, now: Optional[float] = None) -> Summary:
@@ -210,6 +239,7 @@ def summarize(cache_dir: str, now: Optional[float] = None) -> Summary:
                         for h, (n, size) in sorted(holders.items(),
                                                    key=lambda kv: (kv[0].user, kv[0].pid))),
         datasets=datasets,
+        lost_records=inv.lost_records,
     )
 
 
@@ -270,4 +300,4 @@ def plan_clean(inv: Inventory, rules: Rules, now: Optional[float] = None) -> Cle
                     for c in selection.skipped_in_use)
     stale = tuple(PlannedRemoval(p.relpath, p.size_bytes, None) for p in inv.partials
                   if now - p.mtime >= STALE_PARTIAL_SECONDS)
-    return CleanPlan(MetaPaths(inv.cache_dir), removals, skipped, stale)
+    return CleanPlan(MetaPaths(inv.cache_dir), removals, skipped, stale, inv.skipped)

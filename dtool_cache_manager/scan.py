@@ -42,6 +42,7 @@ class CacheScan:
     cache_dir: str
     files: Tuple[CachedFile, ...]
     partials: Tuple[CachedFile, ...]  # leftover or in-progress '*.tmp' downloads
+    skipped: Tuple[Tuple[str, str], ...] = ()  # (relpath, why) of what is not a cached file
 
     @property
     def total_size_bytes(self) -> int:
@@ -49,15 +50,23 @@ class CacheScan:
 
 
 def scan_cache(cache_dir: str) -> CacheScan:
-    """Walk ``cache_dir`` (skipping our bookkeeping); a missing directory is an empty cache."""
+    """Walk ``cache_dir`` (skipping our bookkeeping); a missing directory is an empty cache.
+
+    Symbolic links and special files are never followed or counted; they are reported in
+    ``skipped``, as are directories we may not read.
+    """
     files: List[CachedFile] = []
     partials: List[CachedFile] = []
+    skipped: List[Tuple[str, str]] = []
     stack = [""]
     while stack:
         rel_dir = stack.pop()
         try:
             entries = os.scandir(os.path.join(cache_dir, rel_dir))
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except PermissionError:
+            skipped.append((rel_dir, "directory not readable"))
             continue
         with entries:
             for entry in entries:
@@ -72,5 +81,9 @@ def scan_cache(cache_dir: str) -> CacheScan:
                 elif stat.S_ISREG(st.st_mode):
                     found = CachedFile(rel, st.st_size, st.st_mtime, st.st_atime)
                     (partials if entry.name.endswith(PARTIAL_SUFFIX) else files).append(found)
+                elif stat.S_ISLNK(st.st_mode):
+                    skipped.append((rel, "symbolic link, not followed"))
+                else:
+                    skipped.append((rel, "not a regular file"))
     return CacheScan(cache_dir, tuple(sorted(files, key=lambda f: f.relpath)),
-                     tuple(sorted(partials, key=lambda f: f.relpath)))
+                     tuple(sorted(partials, key=lambda f: f.relpath)), tuple(sorted(skipped)))

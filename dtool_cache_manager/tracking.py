@@ -11,6 +11,7 @@ import atexit
 import logging
 import os
 import threading
+import time
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional, Set, Tuple
 
@@ -151,7 +152,8 @@ def post_item_content_abspath(uri, identifier, abspath):
                 access.placement.scheme,
                 ManifestRecord(access.relpath, plan.item_relpath, plan.manifest_size,
                                plan.manifest_hash, plan.hash_function))
-        session.journal.record_access(state.prefix, access.started, access.miss, access.size,
+        # Stamped at completion: after the hold, so after any removal it waited for.
+        session.journal.record_access(state.prefix, time.time(), access.miss, access.size,
                                       access.mtime, access.fetch_seconds)
     except Exception as exc:  # noqa: BLE001
         _warn("could not record the access", exc)

@@ -321,10 +321,10 @@ def test_interactive_clean_shows_the_plan_and_asks(http_dataset, cache_dir, make
     env = make_env(cache_dir)
     fetch(ds.uri, ds.identifiers["a.txt"], env)
     code, out = _in_a_terminal(["dtool-cache", "clean", "--all"], env, b"n\n")
-    assert code == 1 and "Would remove 1 files" in out and "Aborted" in out
+    assert code == 1 and "Would remove 1 file," in out and "Aborted" in out
     assert len(disk_files(cache_dir)) == 1
     code, out = _in_a_terminal(["dtool-cache", "clean", "--all"], env, b"y\n")
-    assert code == 0 and "Removed 1 files" in out
+    assert code == 0 and "Removed 1 file," in out
     assert disk_files(cache_dir) == {}
 
 
@@ -338,7 +338,7 @@ def test_verify_reports_and_fixes_damage(http_dataset, cache_dir, make_env):
     assert dtool_cache("verify", env=env).returncode == 0  # sizes are fine
     found = dtool_cache("verify", "--hash", "--json", env=env, check=False)
     assert found.returncode == 1
-    status = {r["relpath"]: r["status"] for r in json.loads(found.stdout)}
+    status = {r["path"]: r["status"] for r in json.loads(found.stdout)}
     assert status == {os.path.relpath(good, cache_dir): "ok",
                       os.path.relpath(bad, cache_dir): "hash mismatch"}
     fixed = dtool_cache("verify", "--hash", "--fix", env=env, check=False)

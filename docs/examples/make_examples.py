@@ -16,9 +16,10 @@ example in ``docs/cli/`` is true output, not hand-written:
    ``docs/cli/_examples/<name>.txt``.
 
 The temporary cache path becomes ``~/.cache/dtool`` and the server's address
-``http://example.org``, so the examples read naturally.  dtool-cli 0.7.1 prints a
-``pkg_resources is deprecated`` UserWarning on every ``dtool`` command; those lines come from
-dtool-cli, not from this package, and are filtered out.
+``http://example.org``, so the examples read naturally (tables are redrawn to fit).
+With setuptools >= 67.5, dtool-cli 0.7.1 prints a ``pkg_resources is deprecated``
+UserWarning on every ``dtool`` command; those lines come from dtool-cli, not from this
+package, and are filtered out.
 
 Run from anywhere with the project's venv first on PATH::
 
@@ -98,15 +99,16 @@ COMMANDS = [
     ("ls", ["cache", "ls", "--limit", "5"]),
     ("ls_json", ["cache", "ls", "--sort", "size:desc", "--json", "--limit", "2"]),
     ("ls_count", ["cache", "ls", "--sort", "count"]),
-    ("clean_default_dry_run", ["cache", "clean", "--dry-run"]),
-    ("clean_dry_run_frequent", ["cache", "clean", "--dry-run", "--retain-size", "1MB",
-                                "--exclude-frequently-accessed", "5"]),
     ("audit_user", ["cache", "audit", "--by", "user"]),
     ("audit_dataset", ["cache", "audit", "--by", "dataset", "--since", "30d"]),
-    ("verify_hash", ["cache", "verify", "--hash"]),
+    ("audit_item", ["cache", "audit", "--by", "item"]),
+    ("verify_hash", ["cache", "verify", "--hash"]),  # after damage(): see main()
     ("verify_fix", ["cache", "verify", "--fix"]),
+    ("clean_default_dry_run", ["cache", "clean", "--dry-run"]),
     ("clean_dry_run", ["cache", "clean", "--dry-run", "--retain-size", "1MB"]),
-    ("clean_no_yes", ["cache", "clean", "--all"]),
+    ("clean_dry_run_frequent", ["cache", "clean", "--dry-run", "--retain-size", "1MB",
+                                "--exclude-frequently-accessed", "5"]),
+    ("clean_no_yes", ["cache", "clean", "--all"]),  # stdin is not a terminal: refused
     ("clean_all", ["cache", "clean", "--all", "--yes"]),
     ("bad_size", ["cache", "clean", "--retain-size", "1XB"]),
     ("bad_age", ["cache", "clean", "--older-than", "banana"]),
