@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import sqlite3
 import time
 from contextlib import contextmanager
 from typing import Iterator, List, Optional
@@ -20,22 +21,49 @@ from dtoolcore.utils import sanitise_uri
 from . import executor, scan, tracking
 from .holds import holders_of
 from .layout import MetaPaths, resolve_cache_dir
-from .ledger import ItemRow, Ledger
+from .ledger import ItemRow, Ledger, LedgerError, is_corruption, move_aside
 
 logger = logging.getLogger(__name__)
 
 
 @contextmanager
 def open_ledger(cache_dir: Optional[str] = None) -> Iterator[Ledger]:
-    """The ledger with every journal folded in; read-only (in memory) if we may not write."""
+    """The ledger with every journal folded in.
+
+    If we may not write it (a read-only member of a shared cache) or cannot (a full disk),
+    the journals are folded into a private in-memory copy instead, with a warning for the
+    latter.  A ledger found damaged while folding is moved aside and rebuilt.
+    """
     paths = MetaPaths(resolve_cache_dir(cache_dir))
-    readonly = not _writable(paths)
-    ledger = Ledger(paths, readonly=readonly)
+    ledger = _open(paths, readonly=not _writable(paths))
     try:
-        ledger.compact()
         yield ledger
     finally:
         ledger.close()
+
+
+def _open(paths: MetaPaths, readonly: bool) -> Ledger:
+    try:
+        ledger = Ledger(paths, readonly=readonly)
+    except LedgerError as exc:
+        if readonly:
+            raise
+        logger.warning("dtool-cache-manager: %s; showing a read-only view", exc)
+        return _open(paths, readonly=True)
+    try:
+        ledger.compact()
+    except sqlite3.DatabaseError as exc:
+        ledger.close()
+        if readonly or not is_corruption(exc):
+            if readonly:
+                raise LedgerError(f"cannot read ledger {paths.ledger}: {exc}") from exc
+            logger.warning("dtool-cache-manager: could not fold the journals into %s (%s); "
+                           "figures may lag until it can be written", paths.ledger, exc)
+            return _open(paths, readonly=True)
+        move_aside(paths.ledger, exc)
+        ledger = Ledger(paths)
+        ledger.compact()
+    return ledger
 
 
 def _writable(paths: MetaPaths) -> bool:

@@ -112,6 +112,8 @@ def clean(cache_dir, as_json, dataset, remove_all, older_than, retain_size,
     directory = resolve_cache_dir(cache_dir)
     if not os.path.isdir(directory):
         raise BadInput(f"cache directory {directory} does not exist")
+    if not (dry_run or os.access(directory, os.W_OK)):
+        raise BadInput(f"cannot clean {directory}: you may not write to it")
     rules = Rules(remove_all=remove_all, older_than_seconds=older_than,
                   exclude_frequently_accessed=exclude_frequently_accessed,
                   retain_size_bytes=retain_size)
@@ -134,8 +136,6 @@ def clean(cache_dir, as_json, dataset, remove_all, older_than, retain_size,
             return
         click.confirm("Proceed?", default=False, abort=True)
     with open_ledger(directory) as ledger:
-        if ledger.readonly:
-            raise BadInput(f"cannot clean {directory}: no write permission for its ledger")
         result = _execute(plan, ledger, show_progress=not as_json)
     click.echo(formatting.render_clean_result(plan, result, note if yes else None, as_json))
 

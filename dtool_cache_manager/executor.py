@@ -85,9 +85,11 @@ def _record(on_removed: Callable[[], None], relpath: str) -> None:
 
 
 def remove_item(ledger: Ledger, row: ItemRow, uri: Optional[str] = None) -> RemovalOutcome:
-    """Remove ``row``'s file and ledger entry unless a live process holds it."""
-    if ledger.readonly:
-        return RemovalOutcome(row.relpath, False, reason="the ledger is read-only here")
+    """Remove ``row``'s file and ledger entry unless a live process holds it.
+
+    The holds, not the ledger, decide: with a read-only view of the ledger (a full disk) the
+    file still goes, and the next reconcile drops its row.
+    """
     paths = ledger.paths
     return _unlink_checked(
         paths, row.relpath, row.identifier,

@@ -100,7 +100,7 @@ class JournalWriter:
             line = json.dumps(["m", manifest.relpath, manifest.item_relpath,
                                manifest.manifest_size, manifest.manifest_hash,
                                manifest.hash_function]) + "\n"
-            self._emit(line.encode("utf-8", "surrogateescape"))
+            self._emit(line.encode("utf-8", "surrogateescape"), counts=False)
         return ('["a",' + json.dumps([relpath, uri, uuid, identifier, scheme])[1:-1]
                 + ",").encode("utf-8", "surrogateescape")
 
@@ -111,28 +111,30 @@ class JournalWriter:
         self._emit(prefix + b"%d,%d,%d,%d,%d]\n" % (t * 1e6, miss, size, mtime * 1e6,
                                                      fetch_seconds * 1e6))
 
-    def _emit(self, line: bytes) -> None:
+    def _emit(self, line: bytes, counts: bool = True) -> None:
+        """Write ``line``; ``counts`` says whether it records an access (for the lost tally)."""
         if self._pending:  # keep the order: older lines first
-            self._hold_back(line, None)
+            self._hold_back(line, None, counts)
             self.flush()
             return
         try:
             written = os.write(self._fd, line)
         except OSError as exc:
-            self._hold_back(line, exc)
+            self._hold_back(line, exc, counts)
             return
         if written < len(line):  # the disk filled up mid-line: finish the line later
-            self._hold_back(line[written:], None)
+            self._hold_back(line[written:], None, counts, must_keep=True)
 
-    def _hold_back(self, data: bytes, exc: Optional[OSError]) -> None:
+    def _hold_back(self, data: bytes, exc: Optional[OSError], counts: bool,
+                   must_keep: bool = False) -> None:
         with self._lock:
             if not self._pending:
                 logger.warning("dtool-cache-manager: cannot write the access journal %s (%s); "
                                "keeping accesses in memory until space returns", self.path,
                                exc or "disk full")
-            if len(self._pending) < MAX_PENDING:
+            if must_keep or len(self._pending) < MAX_PENDING:
                 self._pending.append(data)
-            else:
+            elif counts:
                 self._lost += 1
 
     def flush(self) -> bool:

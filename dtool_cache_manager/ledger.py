@@ -195,11 +195,9 @@ class Ledger:
         try:
             return self._open_writable(path)
         except (sqlite3.DatabaseError, _Unusable) as exc:
-            if not _is_corruption(exc):
+            if not is_corruption(exc):
                 raise LedgerError(f"cannot open ledger {path}: {exc}") from exc
-            aside = _move_aside(path)
-            logger.warning("dtool-cache-manager: ledger %s is unreadable (%s); moved it to %s "
-                           "and started a new one (no cached file was touched)", path, exc, aside)
+            move_aside(path, exc)
             return self._open_writable(path)
 
     def _read_only_copy(self, path: str) -> sqlite3.Connection:
@@ -456,7 +454,7 @@ def _journal_owner_alive(paths: MetaPaths, token: str) -> bool:
         os.close(fd)
 
 
-def _is_corruption(exc: Exception) -> bool:
+def is_corruption(exc: Exception) -> bool:
     """Only damage moves a ledger aside; a busy or read-only ledger is an error to report."""
     if isinstance(exc, _Unusable):
         return True
@@ -465,13 +463,17 @@ def _is_corruption(exc: Exception) -> bool:
                                    "no such column"))
 
 
-def _move_aside(path: str) -> str:
+def move_aside(path: str, why: Exception) -> str:
+    """Keep a damaged ledger for inspection and make room for a new one; the cached files
+    are not touched, and journals not yet folded are folded into the new ledger."""
     aside = f"{path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     for suffix in ("", "-wal", "-shm"):
         try:
             os.rename(path + suffix, aside + suffix)
         except FileNotFoundError:
             pass
+    logger.warning("dtool-cache-manager: ledger %s is unreadable (%s); moved it to %s and "
+                   "started a new one (no cached file was touched)", path, why, aside)
     return aside
 
 

@@ -1,0 +1,145 @@
+"""A damaged or old ledger: detected, moved aside with a warning, rebuilt from the disk and
+the journals; an old schema is upgraded in place.  No cached file is ever deleted for it."""
+
+import logging
+import os
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+import dtool_cache_manager as dcm
+from dtool_cache_manager.ledger import SCHEMA_VERSION
+
+ACCESS_ALL = ("import sys, dtoolcore\nds = dtoolcore.DataSet.from_uri(sys.argv[1])\n"
+              "for i in sorted(ds.identifiers):\n    ds.item_content_abspath(i)\n")
+
+# The schema of dtool-cache-manager's first ledger (version 1), kept verbatim to test the
+# upgrade: items lacked hash_function and usage lacked miss_bytes.
+SCHEMA_V1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE items (relpath TEXT PRIMARY KEY, uuid TEXT NOT NULL, identifier TEXT NOT NULL,
+    scheme TEXT NOT NULL, size_bytes INTEGER NOT NULL DEFAULT 0, first_cached REAL,
+    last_access REAL, hits INTEGER NOT NULL DEFAULT 0, misses INTEGER NOT NULL DEFAULT 0,
+    fetch_seconds REAL NOT NULL DEFAULT 0, item_relpath TEXT, manifest_size INTEGER,
+    manifest_hash TEXT);
+CREATE TABLE item_uris (relpath TEXT NOT NULL, uri TEXT NOT NULL,
+    PRIMARY KEY (relpath, uri)) WITHOUT ROWID;
+CREATE TABLE item_users (relpath TEXT NOT NULL, user TEXT NOT NULL,
+    hits INTEGER NOT NULL DEFAULT 0, misses INTEGER NOT NULL DEFAULT 0, last_access REAL,
+    PRIMARY KEY (relpath, user)) WITHOUT ROWID;
+CREATE TABLE usage (hour INTEGER NOT NULL, relpath TEXT NOT NULL, user TEXT NOT NULL,
+    uri TEXT NOT NULL, uuid TEXT NOT NULL, identifier TEXT NOT NULL,
+    hits INTEGER NOT NULL DEFAULT 0, misses INTEGER NOT NULL DEFAULT 0,
+    hit_bytes INTEGER NOT NULL DEFAULT 0, fetch_seconds REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (hour, relpath, user, uri)) WITHOUT ROWID;
+CREATE TABLE removals (relpath TEXT PRIMARY KEY, removed_at REAL NOT NULL);
+CREATE TABLE journals (token TEXT PRIMARY KEY, offset INTEGER NOT NULL);
+INSERT INTO meta VALUES ('schema_version', '1');
+"""
+
+
+@pytest.fixture
+def filled(http_dataset, cache_dir, make_env):
+    """A cache of three items, each accessed once, folded into the ledger."""
+    ds = http_dataset({f"f{i}.bin": os.urandom(5000 + i) for i in range(3)})
+    subprocess.run([sys.executable, "-c", ACCESS_ALL, ds.uri], env=make_env(cache_dir),
+                   check=True, timeout=120)
+    with dcm.open_ledger(str(cache_dir)) as ledger:
+        assert len(ledger.items()) == 3
+    return ds
+
+
+def _disk(cache_dir):
+    return sorted(os.path.join(r, f) for r, d, fs in os.walk(cache_dir)
+                  if ".dtool-cache-manager" not in r for f in fs)
+
+
+def _damage(path, how):
+    if how == "garbage":
+        with open(path, "wb") as fh:
+            fh.write(os.urandom(20000))
+    elif how == "truncated":
+        with open(path, "r+b") as fh:
+            fh.truncate(os.path.getsize(path) // 2)
+    elif how == "zeroed pages":
+        with open(path, "r+b") as fh:
+            fh.seek(4096)
+            fh.write(b"\0" * 8192)
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated", "zeroed pages"])
+def test_damaged_ledger_is_moved_aside_and_rebuilt(how, filled, cache_dir, make_env, caplog):
+    meta = cache_dir / ".dtool-cache-manager"
+    files_before = _disk(cache_dir)
+    # A live process has accesses in its journal; they must survive the rebuild.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", ACCESS_ALL + "print('done', flush=True)\nsys.stdin.readline()\n",
+         filled.uri], env=make_env(cache_dir), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True)
+    try:
+        assert holder.stdout.readline().strip() == "done"
+        with dcm.open_ledger(str(cache_dir)):  # fold the live journal into the old ledger
+            pass
+        with sqlite3.connect(meta / "ledger.sqlite3") as conn:  # checkpoint: data in the file
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        _damage(meta / "ledger.sqlite3", how)
+        with caplog.at_level(logging.WARNING):
+            summary = subprocess.run(["dtool-cache", "summary", "--json"], capture_output=True,
+                                     text=True, env=make_env(cache_dir))
+        assert summary.returncode == 0, summary.stderr
+        assert "is unreadable" in summary.stderr and "moved it to" in summary.stderr
+        assert "Traceback" not in summary.stderr
+        assert any(n.startswith("ledger.sqlite3.corrupt-") for n in os.listdir(meta))
+        assert _disk(cache_dir) == files_before  # nothing deleted because of corruption
+        import json
+
+        data = json.loads(summary.stdout)
+        assert data["num_items"] == 3  # the disk is the truth for what is cached
+        # The live process's journal was folded into the new ledger: its 3 accesses count.
+        for ident in filled.identifiers.values():
+            assert dcm.num_times_accessed(filled.uri, ident) == 1
+        with sqlite3.connect(meta / "ledger.sqlite3") as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        holder.communicate("\n")
+
+
+def test_schema_v1_is_upgraded_in_place(tmp_path):
+    cache = tmp_path / "cache"
+    meta = cache / ".dtool-cache-manager"
+    meta.mkdir(parents=True)
+    with sqlite3.connect(meta / "ledger.sqlite3") as conn:
+        conn.executescript(SCHEMA_V1)
+        conn.execute("INSERT INTO items (relpath, uuid, identifier, scheme, size_bytes, "
+                     "last_access, hits, misses, fetch_seconds) VALUES "
+                     "('u/x', 'u', 'x', 's3', 10, 1000.0, 4, 1, 0.5)")
+        conn.execute("INSERT INTO usage VALUES (0, 'u/x', 'a@h', 's3://b/u', 'u', 'x', "
+                     "4, 1, 40, 0.5)")
+    with dcm.open_ledger(str(cache)) as ledger:
+        (row,) = ledger.items()
+        assert (row.relpath, row.hits, row.misses, row.hash_function) == ("u/x", 4, 1, None)
+        assert ledger.conn.execute("SELECT miss_bytes, hit_bytes FROM usage").fetchone() == (0, 40)
+        assert ledger.conn.execute(
+            "SELECT value FROM meta WHERE key='schema_version'").fetchone() == (
+            str(SCHEMA_VERSION),)
+    assert not [n for n in os.listdir(meta) if "corrupt" in n]
+
+
+@pytest.mark.parametrize("setup", [
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);"
+    "INSERT INTO meta VALUES ('schema_version', '0');",
+    "CREATE TABLE something_else (x);",
+])
+def test_unknown_old_schema_is_moved_aside(setup, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    meta = cache / ".dtool-cache-manager"
+    meta.mkdir(parents=True)
+    with sqlite3.connect(meta / "ledger.sqlite3") as conn:
+        conn.executescript(setup)
+    with caplog.at_level(logging.WARNING, logger="dtool_cache_manager"):
+        with dcm.open_ledger(str(cache)) as ledger:
+            assert ledger.items() == []
+    assert "moved it to" in caplog.text
+    assert [n for n in os.listdir(meta) if n.startswith("ledger.sqlite3.corrupt-")]
