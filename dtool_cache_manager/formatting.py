@@ -72,7 +72,7 @@ def render_summary(summary: Summary, as_json: bool) -> str:
         f"In use now:      {plural(summary.num_in_use, 'item')}",
     ]
     for holder in summary.in_use_by:
-        lines.append(f"                   held by {holder.user} (pid {holder.pid}): "
+        lines.append(f"                 held by {holder.user} (pid {holder.pid}): "
                      f"{plural(holder.num_items, 'item')}, {size(holder.size_bytes)}")
     lines += [
         f"Untracked:       {plural(summary.num_untracked, 'file')}, "
