@@ -171,20 +171,10 @@ def _tracked_call(dataset, identifier: str, original) -> str:
         except Exception as exc:  # noqa: BLE001 - each hook is guarded; this is pluggy itself
             _warn(f"pre hooks failed ({exc!r})")
         access.started = time.time()  # after the hold, which may have waited for a removal
-        if plan is None:
+        if plan is None or _is_hit(access, plan):
             abspath = original(dataset, identifier)
         else:
-            try:
-                st = os.stat(plan.abspath)
-                hit = st.st_size == plan.manifest_size or plan.manifest_size is None \
-                    or plan.abspath in _refetched
-            except OSError:
-                hit = False
-            if hit:
-                access.size, access.mtime = st.st_size, st.st_mtime
-                abspath = original(dataset, identifier)
-            else:
-                abspath = _fetch_single_flight(access, plan, dataset, identifier, original)
+            abspath = _fetch_single_flight(access, plan, dataset, identifier, original)
         try:
             if plan is not None:
                 access.abspath = abspath
