@@ -14,7 +14,7 @@ from typing import Dict, Iterable, Optional, Tuple
 
 from dtoolcore.utils import generous_parse_uri
 
-from .ledger import Ledger
+from .ledger import Ledger, from_db
 
 GROUPINGS = ("user", "dataset", "item")
 
@@ -47,6 +47,7 @@ def audit(ledger: Ledger, by: str, since: Optional[float] = None) -> Tuple[Audit
     per_byte = _seconds_per_byte(ledger, scheme_of)
     totals: Dict[str, list] = {}
     for relpath, user, uri, uuid, hits, misses, hit_bytes in _window(ledger, since):
+        relpath = from_db(relpath)
         if hits and relpath in per_fetch:
             saved, estimated = hits * per_fetch[relpath], False
         elif hits:
@@ -92,14 +93,15 @@ def _window(ledger: Ledger, since: Optional[float]):
 
 def _seconds_per_fetch(ledger: Ledger) -> Dict[str, float]:
     """relpath -> mean measured fetch duration, over all history."""
-    return {relpath: seconds / misses for relpath, seconds, misses in ledger.conn.execute(
+    return {from_db(relpath): seconds / misses for relpath, seconds, misses in ledger.conn.execute(
         """SELECT relpath, sum(fetch_seconds), sum(misses) FROM usage
            GROUP BY relpath HAVING sum(misses) > 0""")}
 
 
 def _schemes(ledger: Ledger) -> Dict[str, str]:
     """relpath -> broker scheme of the items the ledger still knows."""
-    return dict(ledger.conn.execute("SELECT relpath, scheme FROM items"))
+    return {from_db(r): scheme for r, scheme in ledger.conn.execute(
+        "SELECT relpath, scheme FROM items")}
 
 
 def _seconds_per_byte(ledger: Ledger, scheme_of: Dict[str, str]) -> Dict[str, float]:
@@ -108,7 +110,7 @@ def _seconds_per_byte(ledger: Ledger, scheme_of: Dict[str, str]) -> Dict[str, fl
     for relpath, uri, miss_bytes, seconds in ledger.conn.execute(
             """SELECT relpath, uri, sum(miss_bytes), sum(fetch_seconds) FROM usage
                WHERE misses > 0 GROUP BY relpath, uri"""):
-        acc = sums.setdefault(scheme_of.get(relpath) or _scheme(uri), [0, 0.0])
+        acc = sums.setdefault(scheme_of.get(from_db(relpath)) or _scheme(uri), [0, 0.0])
         acc[0] += miss_bytes
         acc[1] += seconds
     return {scheme: seconds / nbytes for scheme, (nbytes, seconds) in sums.items()

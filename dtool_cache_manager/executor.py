@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 from .holds import Holder, exclusive_gate, holders_of
-from .layout import MetaPaths
+from .layout import MetaPaths, is_item_relpath
 from .ledger import ItemRow, Ledger
 
 logger = logging.getLogger(__name__)
@@ -38,11 +38,13 @@ class RemovalOutcome:
 
 
 def is_inside(cache_dir: str, relpath: str) -> bool:
-    """True if ``relpath`` names something inside the cache (not absolute, no '..', and no
-    symlinked directory leading out)."""
-    if os.path.isabs(relpath) or os.pardir in relpath.split(os.sep):
-        return False
-    return _inside(cache_dir, os.path.join(cache_dir, relpath))
+    """True if ``relpath`` can name a cached item: a relative path with no '..', no NUL,
+    not in our bookkeeping directory, and no symlinked directory leading out of the cache.
+
+    Ledger rows come from journals any member can write, so every path is checked here
+    before anything is read or removed.
+    """
+    return is_item_relpath(relpath) and _inside(cache_dir, os.path.join(cache_dir, relpath))
 
 
 def _inside(cache_dir: str, abspath: str) -> bool:

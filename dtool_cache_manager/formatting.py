@@ -39,8 +39,11 @@ def plural(n: int, word: str) -> str:
 
 
 def show(path: str) -> str:
-    """A path fit for a terminal: bytes that are not UTF-8 shown as \\xNN, not a crash."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A path fit for a terminal: bytes that are not UTF-8 as \\xNN, control characters
+    escaped."""
+    text = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    # A newline in a file name must not fake a table row: escape control characters.
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def _dumps(data) -> str:
@@ -187,7 +190,7 @@ def render_audit(rows: Sequence[AuditRow], total: AuditRow, by: str, as_json: bo
 
     def line(r: AuditRow) -> list:
         saved = humanfriendly.format_timespan(r.estimated_seconds_saved)
-        return [r.key, str(r.accesses), str(r.hits), str(r.misses), f"{r.hit_rate:.0%}",
+        return [show(r.key), str(r.accesses), str(r.hits), str(r.misses), f"{r.hit_rate:.0%}",
                 size(r.bytes_served_from_cache), ("~" if r.estimated else "") + saved]
 
     table = format_pretty_table([line(r) for r in rows] + [line(total)],

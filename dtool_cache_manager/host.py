@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -334,6 +335,16 @@ def _prepare_shared_dirs(paths: MetaPaths, item_dir: str) -> None:
                        "ask its owner to run: chmod g+ws %s", item_dir, exc, item_dir)
 
 
+def _share_item_file(abspath: str, st: os.stat_result) -> None:
+    """Let the group read an item we fetched; a 077 umask would lock everyone else out.
+    Read-only is enough (and protects the content): removal needs the directory's write bit."""
+    if st.st_uid == os.geteuid() and not st.st_mode & stat.S_IRGRP:
+        try:
+            os.chmod(abspath, (st.st_mode & 0o7777) | stat.S_IRGRP)
+        except OSError as exc:
+            logger.debug("dtool-cache-manager: cannot share %s (%r)", abspath, exc)
+
+
 def _timed_miss(access: Access, dataset, identifier: str, original) -> str:
     start = time.perf_counter()
     abspath = original(dataset, identifier)
@@ -350,6 +361,8 @@ def _observe(access: Access, plan: ItemPlan, abspath: str) -> None:
         if access.miss:
             st = os.stat(abspath)
             access.size, access.mtime = st.st_size, st.st_mtime
+            if access.placement.paths.shared:
+                _share_item_file(abspath, st)
         return
     # The broker put it somewhere we did not plan for: judge the miss by the file's mtime.
     access.relpath = access.placement.paths.relpath(os.path.abspath(abspath))

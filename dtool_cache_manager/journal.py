@@ -185,19 +185,39 @@ def parse_journal(data: bytes, user: str = "?", host: str = "?") -> Tuple[List[o
             rec = json.loads(raw.decode("utf-8", "surrogateescape"))
             kind = rec[0]
             if kind == "j":
+                _expect(rec[2:4], str)
                 user, host = rec[2], rec[3]
             elif kind == "a":
+                _expect(rec[1:6], str)
+                _expect(rec[6:11], (int, float))
                 records.append(AccessRecord(user, host, rec[6] / 1e6, rec[1], rec[2], rec[3],
                                             rec[4], rec[5], bool(rec[7]), int(rec[8]),
                                             rec[9] / 1e6, rec[10] / 1e6))
             elif kind == "m":
-                records.append(ManifestRecord(rec[1], rec[2], rec[3], rec[4], rec[5]))
+                _expect(rec[1:2], str)
+                records.append(ManifestRecord(rec[1], _optional(rec[2], str),
+                                              _optional(rec[3], int), _optional(rec[4], str),
+                                              _optional(rec[5], str)))
             elif kind == "x":
-                records.append(LostRecord(int(rec[1])))
+                _expect(rec[1:2], int)
+                records.append(LostRecord(rec[1]))
         except (ValueError, IndexError, TypeError, KeyError):
             logger.warning("dtool-cache-manager: skipping a malformed journal line: %r",
                            raw[:200])
     return records, end
+
+
+def _expect(values, kind) -> None:
+    """Journals are written by any member of a shared cache: check every field's type."""
+    for value in values:
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise TypeError(f"unexpected {value!r} in a journal line")
+
+
+def _optional(value, kind):
+    if value is not None:
+        _expect([value], kind)
+    return value
 
 
 def read_header(path: str) -> Tuple[str, str]:

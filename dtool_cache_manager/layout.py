@@ -90,6 +90,15 @@ class MetaPaths:
         return rel
 
 
+def is_item_relpath(relpath) -> bool:
+    """Lexically, can ``relpath`` name a cached item?  Relative, no '..', no NUL, and not in
+    our bookkeeping directory.  Paths arrive from journals any group member can write."""
+    if not isinstance(relpath, str) or not relpath or "\0" in relpath:
+        return False
+    parts = relpath.split(os.sep)
+    return not (os.path.isabs(relpath) or os.pardir in parts or parts[0] == META_DIRNAME)
+
+
 @dataclass(frozen=True)
 class Identity:
     """Who is accessing: recorded with every access and every hold."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from . import holds, journal
-from .layout import MetaPaths, ensure_dir, share_file
+from .layout import MetaPaths, ensure_dir, is_item_relpath, share_file
 
 logger = logging.getLogger(__name__)
 
@@ -139,10 +139,15 @@ class _Batch:
 
     def add(self, rec) -> None:
         if isinstance(rec, journal.ManifestRecord):
-            self.manifests[rec.relpath] = rec
+            if is_item_relpath(rec.relpath):
+                self.manifests[rec.relpath] = rec
             return
         if isinstance(rec, journal.LostRecord):
             self.lost += rec.count
+            return
+        if not is_item_relpath(rec.relpath):
+            logger.warning("dtool-cache-manager: ignoring a journal record for %r: not a "
+                           "cached item's path", rec.relpath)
             return
         user = f"{rec.user}@{rec.host}"
         hit, miss = (0, 1) if rec.miss else (1, 0)

@@ -111,7 +111,8 @@ def inventory(cache_dir: str, dataset: Optional[str] = None) -> Inventory:
         rows = {row.relpath: row for row in ledger.items()}
         for relpath, row in list(rows.items()):
             if not is_inside(cache_dir, relpath):
-                skipped.append((relpath, "ledger row points outside the cache; dropped"))
+                skipped.append((relpath, "ledger row names no cached item (outside the cache or "
+                                         "our bookkeeping); dropped"))
                 del rows[relpath]
             if relpath not in on_disk and not ledger.readonly:
                 forgotten += _reconcile(ledger, row)

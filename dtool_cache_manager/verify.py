@@ -68,9 +68,9 @@ def verify(ledger: Ledger, check_hash: bool = False,
 def _check(cache_dir: str, row: ItemRow,
            check_hash: bool) -> Tuple[VerifyResult, Optional[os.stat_result]]:
     expected = row.manifest_size
-    if os.path.isabs(row.relpath) or os.path.normpath(row.relpath).split(os.sep)[0] == os.pardir:
-        return VerifyResult(row.relpath, UNVERIFIABLE, "path is outside the cache directory",
-                            expected), None
+    if not executor.is_inside(cache_dir, row.relpath):
+        return VerifyResult(row.relpath, UNVERIFIABLE, "not a path to a cached item "
+                            "(outside the cache, or our bookkeeping)", expected), None
     abspath = os.path.join(cache_dir, row.relpath)
     try:
         st = os.lstat(abspath)

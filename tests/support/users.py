@@ -1,0 +1,216 @@
+"""Real unix users for shared-cache tests: a group, its members and an outsider.
+
+The tests run as root (as CI does), create the accounts idempotently with ``groupadd`` and
+``useradd``, and run children as those users through a ``preexec_fn`` that drops to them
+(supplementary groups, gid, uid) and sets a umask, as a login shell would.
+"""
+
+import grp
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import pytest
+
+GROUP = "dcmshare"
+MEMBERS = ("alice", "bob", "carol")  # alice and bob use the cache, carol manages it
+OUTSIDER = "erin"  # not in the group: may read (others have r-x) but not write
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0,
+    reason="needs root to create users and switch to them (CI runs as root, so this runs there)")
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    uid: int
+    gid: int
+    groups: tuple  # supplementary group ids
+    home: str
+
+    @property
+    def at_host(self) -> str:
+        return f"{self.name}@{socket.gethostname()}"
+
+    def preexec(self, umask: int = 0o022):
+        """preexec_fn: become this user, with only its own groups, and set ``umask``."""
+        groups, gid, uid = list(self.groups), self.gid, self.uid
+
+        def switch():
+            os.setgroups(groups)
+            os.setgid(gid)
+            os.setuid(uid)
+            os.umask(umask)
+        return switch
+
+    def env(self, base: Dict[str, str]) -> Dict[str, str]:
+        env = dict(base)
+        env.update(HOME=self.home, USER=self.name, LOGNAME=self.name)
+        return env
+
+
+def _run(*argv):
+    subprocess.run(argv, check=True, capture_output=True, text=True)
+
+
+def ensure_group(name: str = GROUP) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        pass
+    try:
+        _run("groupadd", name)
+    except subprocess.CalledProcessError:
+        pass  # created concurrently by another test process: look it up again
+    return grp.getgrnam(name).gr_gid
+
+
+def ensure_user(name: str, group: str) -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        pass
+    try:
+        _run("useradd", "-M", "-N", "-g", group, "-s", "/usr/sbin/nologin", name)
+    except subprocess.CalledProcessError:
+        pass
+    return pwd.getpwnam(name)
+
+
+def make_users(base_dir: str) -> Dict[str, User]:
+    """alice, bob, carol in ``dcmshare`` and erin outside it, each with a home in
+    ``base_dir`` (which must be traversable by them)."""
+    share_gid = ensure_group(GROUP)
+    users = {}
+    for name in MEMBERS:
+        entry = ensure_user(name, GROUP)
+        users[name] = User(name, entry.pw_uid, share_gid, (share_gid,),
+                           _home(base_dir, name, entry.pw_uid, share_gid))
+    ensure_group(OUTSIDER)
+    entry = ensure_user(OUTSIDER, OUTSIDER)
+    assert share_gid not in os.getgrouplist(OUTSIDER, entry.pw_gid)
+    users[OUTSIDER] = User(OUTSIDER, entry.pw_uid, entry.pw_gid, (entry.pw_gid,),
+                           _home(base_dir, OUTSIDER, entry.pw_uid, entry.pw_gid))
+    return users
+
+
+def _home(base_dir: str, name: str, uid: int, gid: int) -> str:
+    home = os.path.join(base_dir, "home", name)
+    os.makedirs(home, exist_ok=True)
+    os.chmod(os.path.dirname(home), 0o755)
+    os.chown(home, uid, gid)
+    os.chmod(home, 0o755)
+    return home
+
+
+def shared_tmp(prefix: str) -> str:
+    """A fresh directory everyone can traverse (pytest's tmp_path is private to root)."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    os.chmod(path, 0o755)
+    return path
+
+
+def make_group_cache(base_dir: str, group: str = GROUP) -> str:
+    """``<base_dir>/cache``: root:<group>, mode 2775 (setgid, group-writable)."""
+    cache = os.path.join(base_dir, "cache")
+    os.mkdir(cache)
+    os.chown(cache, 0, grp.getgrnam(group).gr_gid)
+    os.chmod(cache, 0o2775)
+    return cache
+
+
+def remove_tree(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def run_as(user: Optional[User], argv, env, timeout=120, **kwargs):
+    """Run ``argv`` as ``user`` (None: as ourselves); the CompletedProcess, unchecked."""
+    if user is not None:
+        env = user.env(env)
+        kwargs.setdefault("preexec_fn", user.preexec())
+        kwargs.setdefault("cwd", user.home)
+    return subprocess.run([str(a) for a in argv], env=env, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, **kwargs)
+
+
+# Plain python access, as a user's script would do it.
+ACCESS = """
+import sys, dtoolcore
+ds = dtoolcore.DataSet.from_uri(sys.argv[1])
+for identifier in sys.argv[2:]:
+    print(ds.item_content_abspath(identifier))
+"""
+
+# Access, then keep the process (and so its in-use holds) alive until told to go.
+ACCESS_AND_WAIT = """
+import os, sys, dtoolcore
+ds = dtoolcore.DataSet.from_uri(sys.argv[1])
+for identifier in sys.argv[2:]:
+    print(ds.item_content_abspath(identifier), flush=True)
+print("ready", os.getpid(), flush=True)
+sys.stdin.readline()
+"""
+
+
+def python_access(user: Optional[User], uri, identifiers, env, **kwargs):
+    return run_as(user, [sys.executable, "-c", ACCESS, uri, *identifiers], env, **kwargs)
+
+
+def dtool_fetch(user: Optional[User], uri, identifier, env, **kwargs):
+    return run_as(user, ["dtool", "item", "fetch", uri, identifier], env, **kwargs)
+
+
+def dtool_cache(user: Optional[User], *args, env, **kwargs):
+    return run_as(user, ["dtool", "cache", *args], env, **kwargs)
+
+
+class HoldingChild:
+    """A process (as ``user``) that accesses items, then keeps them held until ``finish``.
+
+    ``paths`` are the paths it was given; ``pid`` its process id as it reported it.
+    """
+
+    def __init__(self, user: Optional[User], uri, identifiers, env):
+        kwargs = {}
+        if user is not None:
+            env = user.env(env)
+            kwargs = dict(preexec_fn=user.preexec(), cwd=user.home)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", ACCESS_AND_WAIT, uri, *identifiers], env=env,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            **kwargs)
+        self.paths = []
+        self.pid = None
+        for line in self.proc.stdout:
+            if line.startswith("ready "):
+                self.pid = int(line.split()[1])
+                break
+            self.paths.append(line.rstrip("\n"))
+        if self.pid is None:
+            self.proc.kill()
+            raise AssertionError(f"holding child failed: {self.proc.communicate()[1]}")
+        assert self.pid == self.proc.pid
+
+    def finish(self, timeout=60) -> str:
+        """Let it exit; returns its stderr (it must have succeeded)."""
+        _, err = self.proc.communicate("go\n", timeout=timeout)
+        assert self.proc.returncode == 0, err
+        return err
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.kill()
