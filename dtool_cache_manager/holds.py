@@ -210,9 +210,11 @@ def live_holds(paths: MetaPaths, reap: bool = True) -> Dict[Holder, FrozenSet[Ho
     except FileNotFoundError:
         return result
     for name in names:
-        if name.endswith(".new"):
-            continue
         path = os.path.join(paths.holds_dir, name)
+        if name.endswith(".new"):
+            if reap:
+                _reap_orphan(path)
+            continue
         try:
             # O_RDWR where we may, so that reaping works; a read-only member can still read.
             try:
@@ -233,6 +235,23 @@ def live_holds(paths: MetaPaths, reap: bool = True) -> Dict[Holder, FrozenSet[Ho
         finally:
             os.close(fd)
     return result
+
+
+ORPHAN_SECONDS = 60.0
+
+
+def _reap_orphan(path: str) -> None:
+    """A '.new' holds file whose creator died before renaming it: unlocked and old.  (A
+    creator opens it a moment before locking it, hence the age test.)"""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        if time.time() - os.fstat(fd).st_mtime > ORPHAN_SECONDS and not _is_alive(fd):
+            _unlink_quietly(path)
+    finally:
+        os.close(fd)
 
 
 def holders_of(paths: MetaPaths, identifier: str, uuid: Optional[str] = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -230,10 +231,10 @@ class Ledger:
         return conn
 
     def _open_writable(self, path: str) -> sqlite3.Connection:
+        if not os.path.exists(path):
+            self._create(path)
         conn = sqlite3.connect(path, timeout=self.timeout, isolation_level=None)
         try:
-            share_file(path, self.paths.shared)  # SQLite gives -wal/-shm the same mode
-            conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("BEGIN IMMEDIATE")  # creators and upgraders take turns
             version = self._version(conn)
@@ -245,6 +246,28 @@ class Ledger:
             conn.close()
             raise
         return conn
+
+    def _create(self, path: str) -> None:
+        """Build a new ledger aside, then link it into place: many processes may find no
+        ledger at once, and SQLite refuses (at once, whatever the timeout) to switch a file
+        another process is creating to WAL mode.  Exactly one link wins."""
+        tmp = f"{path}.new-{os.getpid()}-{threading.get_ident()}"
+        conn = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")  # recorded in the file: persists
+            conn.execute("BEGIN IMMEDIATE")
+            self._version(conn)
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        try:
+            share_file(tmp, self.paths.shared)  # SQLite gives -wal/-shm the same mode
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process won; use theirs
+        finally:
+            for suffix in ("", "-wal", "-shm"):
+                _unlink_quietly(tmp + suffix)
 
     @staticmethod
     def _version(conn: sqlite3.Connection) -> int:
