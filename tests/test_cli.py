@@ -14,7 +14,7 @@ import time
 import pytest
 
 import dtool_cache_manager as dcm
-from support import subprocess_env
+from support import disk_files, subprocess_env
 
 DAY = 86400
 
@@ -32,17 +32,6 @@ def fetch(uri, identifier, env):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
-
-
-def disk_files(cache_dir):
-    """relpath -> size of every regular file, walked independently of the package."""
-    found = {}
-    for root, dirs, files in os.walk(cache_dir):
-        dirs[:] = [d for d in dirs if d != ".dtool-cache-manager"]
-        for name in files:
-            path = os.path.join(root, name)
-            found[os.path.relpath(path, cache_dir)] = os.path.getsize(path)
-    return found
 
 
 def test_scripted_session_figures(http_dataset, s3_dataset, cache_dir, make_env):

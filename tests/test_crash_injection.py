@@ -36,7 +36,8 @@ import pytest
 import dtool_cache_manager as dcm
 from dtool_cache_manager import report
 from dtool_cache_manager.holds import live_holds
-from dtool_cache_manager.layout import META_DIRNAME, MetaPaths
+from dtool_cache_manager.layout import MetaPaths
+from support import disk_files
 from support.procs import Children
 
 pytestmark = pytest.mark.slow
@@ -178,17 +179,7 @@ def _integrity(ledger_path):
 
 
 def _disk_files(cache_dir):
-    """Regular item files on disk, relpath -> size (our bookkeeping and *.tmp excluded)."""
-    found = {}
-    for root, dirs, files in os.walk(cache_dir):
-        if root == str(cache_dir):
-            dirs[:] = [d for d in dirs if d != META_DIRNAME]
-        for name in files:
-            path = os.path.join(root, name)
-            if name.endswith(".tmp") or os.path.islink(path) or not os.path.isfile(path):
-                continue
-            found[os.path.relpath(path, cache_dir)] = os.path.getsize(path)
-    return found
+    return disk_files(cache_dir, partials=False)
 
 
 def _count_lines(lines):

@@ -33,3 +33,19 @@ def run_python(code, env, timeout=120):
         [sys.executable, "-c", code],
         env=env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def disk_files(cache_dir, partials=True):
+    """relpath -> size of the regular files in a cache, walked independently of the package
+    (our bookkeeping excluded; symlinks never followed; '*.tmp' only with ``partials``)."""
+    found = {}
+    for root, dirs, files in os.walk(cache_dir):
+        if root == str(cache_dir):
+            dirs[:] = [d for d in dirs if d != ".dtool-cache-manager"]
+        for name in files:
+            path = os.path.join(root, name)
+            if (not partials and name.endswith(".tmp")) or os.path.islink(path) \
+                    or not os.path.isfile(path):
+                continue
+            found[os.path.relpath(path, cache_dir)] = os.path.getsize(path)
+    return found
