@@ -18,7 +18,7 @@ from .api import open_ledger
 from .layout import resolve_cache_dir
 from .ledger import LedgerError
 from .params import AGE, SIZE, BadInput
-from .policies import Rules
+from .policies import POLICIES, Rules
 
 _CONTEXT = dict(help_option_names=["-h", "--help"])
 DEFAULT_AGE = "30d"
@@ -94,10 +94,13 @@ def ls(cache_dir, as_json, dataset, sort, limit, in_use, untracked):
                    "(1TB, 500MiB, 0).")
 @click.option("--exclude-frequently-accessed", type=click.IntRange(min=1), metavar="N",
               help="Never remove items accessed N or more times.")
+@click.option("--policy", type=click.Choice(POLICIES), default="lru", show_default=True,
+              help="Which items --retain-size removes first: least recently used, least "
+                   "frequently used, or cheapest to fetch again per byte (cost).")
 @click.option("--dry-run", is_flag=True, help="Show what would be removed; remove nothing.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 def clean(cache_dir, as_json, dataset, remove_all, older_than, retain_size,
-          exclude_frequently_accessed, dry_run, yes):
+          exclude_frequently_accessed, policy, dry_run, yes):
     """Remove cached items by age, size and frequency; never what is in use.
 
     With no rule, removes items not used in the past month (--older-than 30d).  Filters
@@ -116,7 +119,7 @@ def clean(cache_dir, as_json, dataset, remove_all, older_than, retain_size,
         raise BadInput(f"cannot clean {directory}: you may not write to it")
     rules = Rules(remove_all=remove_all, older_than_seconds=older_than,
                   exclude_frequently_accessed=exclude_frequently_accessed,
-                  retain_size_bytes=retain_size)
+                  retain_size_bytes=retain_size, policy=policy)
     note = None
     if rules.empty:
         rules = Rules(older_than_seconds=AGE.convert(DEFAULT_AGE, None, None))

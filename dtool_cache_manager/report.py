@@ -292,7 +292,8 @@ def plan_clean(inv: Inventory, rules: Rules, now: Optional[float] = None) -> Cle
     candidates = [Candidate(relpath=i.relpath, size_bytes=i.size_bytes,
                             last_access=i.last_use_estimate, access_count=i.access_count,
                             in_use=bool(i.holders),
-                            fetch_seconds=i.row.fetch_seconds if i.row else 0.0)
+                            fetch_seconds=i.row.fetch_seconds if i.row else 0.0,
+                            misses=i.row.misses if i.row else 0)
                   for i in inv.items]
     selection = select(candidates, rules, now)
     removals = tuple(PlannedRemoval(c.relpath, c.size_bytes, by_relpath[c.relpath].row)

@@ -113,7 +113,8 @@ def fifty_item_cache(http_server, tmp_path_factory):
     return cache, truth
 
 
-def expected_removals(truth, older_days=None, exclude=None, retain=None, remove_all=False):
+def expected_removals(truth, older_days=None, exclude=None, retain=None, remove_all=False,
+                      policy="lru"):
     """A reference model of the rules, written independently of the package."""
     now = time.time()
     if remove_all:
@@ -125,7 +126,8 @@ def expected_removals(truth, older_days=None, exclude=None, retain=None, remove_
         return set(cands)
     total = sum(size for _, _, size in truth.values())
     chosen = set()
-    for p in sorted(cands, key=lambda p: truth[p][0]):
+    order = (lambda p: truth[p][0]) if policy == "lru" else (lambda p: (truth[p][1], truth[p][0]))
+    for p in sorted(cands, key=order):
         if total <= retain:
             break
         chosen.add(p)
@@ -147,6 +149,9 @@ RULES = [
     (["--older-than", "5d", "--exclude-frequently-accessed", "6", "--retain-size", "50KB"],
      dict(older_days=5, exclude=6, retain=50000)),
     ([], dict(older_days=30)),
+    (["--retain-size", "40KB", "--policy", "lfu"], dict(retain=40000, policy="lfu")),
+    (["--older-than", "3d", "--retain-size", "50KB", "--policy", "lfu"],
+     dict(older_days=3, retain=50000, policy="lfu")),
 ]
 
 
