@@ -54,9 +54,9 @@ def _open(paths: MetaPaths, readonly: bool) -> Ledger:
         ledger.compact()
     except sqlite3.DatabaseError as exc:
         ledger.close()
-        if readonly or not is_corruption(exc):
-            if readonly:
-                raise LedgerError(f"cannot read ledger {paths.ledger}: {exc}") from exc
+        if readonly:
+            raise LedgerError(f"cannot read ledger {paths.ledger}: {exc}") from exc
+        if not is_corruption(exc):  # e.g. a full disk
             logger.warning("dtool-cache-manager: could not fold the journals into %s (%s); "
                            "figures may lag until it can be written", paths.ledger, exc)
             return _open(paths, readonly=True)
