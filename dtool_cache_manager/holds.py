@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, Iterator, List, NamedTuple, Optional, Set, Tuple
 
-from .layout import Identity, MetaPaths, ensure_dir, share_file
+from .layout import Identity, MetaPaths, ensure_dir, share_file, unlink_quietly
 from .rangelock import open_range_lock
 
 logger = logging.getLogger(__name__)
@@ -115,15 +115,13 @@ class HoldsFile:
         Callers on the hot path test ``key in self.permanent`` first and skip the call.
         """
         with self._lock:
-            if key in self.permanent:
+            if key in self.permanent or (scope is not None and key in scope):
                 return
+            if key not in self._scoped:
+                self._write_under_gate(key, "+")
             if scope is None:
-                if key not in self._scoped:
-                    self._write_under_gate(key, "+")
                 self.permanent.add(key)
-            elif key not in scope:
-                if key not in self._scoped:
-                    self._write_under_gate(key, "+")
+            else:
                 self._scoped[key] = self._scoped.get(key, 0) + 1
                 scope.add(key)
 
@@ -159,10 +157,7 @@ class HoldsFile:
 
     def close(self) -> None:
         """Drop all holds (the process is leaving): unlink first, then let go of the lock."""
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        unlink_quietly(self.path)
         os.close(self._fd)
 
 
@@ -189,6 +184,18 @@ def _parse_holds(data: bytes) -> Tuple[Optional[Holder], FrozenSet[HoldKey]]:
                 held = {k for k in held
                         if not (k.uri == key.uri and k.identifier == key.identifier)}
     return holder, frozenset(held)
+
+
+def owner_alive(paths: MetaPaths, token: str) -> bool:
+    """Is the process that owns ``token`` (a holds file and its journal) still running?"""
+    try:
+        fd = os.open(os.path.join(paths.holds_dir, token), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        return _is_alive(fd)
+    finally:
+        os.close(fd)
 
 
 def _is_alive(fd: int) -> bool:
@@ -226,7 +233,7 @@ def live_holds(paths: MetaPaths, reap: bool = True) -> Dict[Holder, FrozenSet[Ho
         try:
             if not _is_alive(fd):
                 if reap:
-                    _unlink_quietly(path)
+                    unlink_quietly(path)
                 continue
             with os.fdopen(os.dup(fd), "rb") as fh:
                 holder, held = _parse_holds(fh.read())
@@ -249,21 +256,28 @@ def _reap_orphan(path: str) -> None:
         return
     try:
         if time.time() - os.fstat(fd).st_mtime > ORPHAN_SECONDS and not _is_alive(fd):
-            _unlink_quietly(path)
+            unlink_quietly(path)
     finally:
         os.close(fd)
 
 
 def holders_of(paths: MetaPaths, identifier: str, uuid: Optional[str] = None,
                uri: Optional[str] = None, relpath: Optional[str] = None) -> List[Holder]:
-    """Live holders of an item.
+    """Live holders of an item, read now (see :func:`holders_in`)."""
+    return holders_in(live_holds(paths), identifier, uuid, uri, relpath)
+
+
+def holders_in(holds: Dict[Holder, FrozenSet[HoldKey]], identifier: Optional[str],
+               uuid: Optional[str] = None, uri: Optional[str] = None,
+               relpath: Optional[str] = None) -> List[Holder]:
+    """Holders of an item in a snapshot from :func:`live_holds`.
 
     Matches on the identifier plus any of uuid, uri or relpath that the caller knows; with
     none of them, on the identifier alone, which errs towards keeping the file.
     """
     known = [v for v in (uuid, uri, relpath) if v is not None]
     found = []
-    for holder, keys in live_holds(paths).items():
+    for holder, keys in holds.items():
         for key in keys:
             if key.identifier != identifier:
                 continue
@@ -273,12 +287,6 @@ def holders_of(paths: MetaPaths, identifier: str, uuid: Optional[str] = None,
                 break
     return sorted(found, key=lambda h: (h.user, h.host, h.pid))
 
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 @contextmanager

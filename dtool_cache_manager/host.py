@@ -127,10 +127,6 @@ def set_enabled(enabled: bool) -> None:
     _disabled = not enabled
 
 
-def is_installed() -> bool:
-    return bool(getattr(dtoolcore.DataSet.item_content_abspath, _MARK, False))
-
-
 def _warn(what: str) -> None:
     logger.warning("dtool-cache-manager: %s; item access continues untracked", what,
                    exc_info=logger.isEnabledFor(logging.DEBUG))
@@ -178,11 +174,7 @@ def _tracked_call(dataset, identifier: str, original) -> str:
             abspath = _fetch_single_flight(access, plan, dataset, identifier, original)
         try:
             if plan is not None:
-                access.abspath = abspath
-                if abspath == plan.abspath and not access.miss:
-                    access.relpath = plan.relpath
-                else:
-                    _observe(access, plan, abspath)
+                _observe(access, plan, abspath)
             hooks.post(uri, identifier, abspath)
         except Exception as exc:  # noqa: BLE001
             _warn(f"post hooks failed ({exc!r})")

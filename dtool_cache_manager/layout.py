@@ -168,3 +168,11 @@ def share_file(path_or_fd, shared: bool) -> None:
         os.fchmod(fd, SHARED_FILE_MODE)
     else:
         os.chmod(path_or_fd, SHARED_FILE_MODE)
+
+
+def unlink_quietly(path: str) -> None:
+    """Remove ``path`` if we can; someone else may have removed it first."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from . import holds, journal
-from .layout import MetaPaths, ensure_dir, is_item_relpath, share_file
+from .layout import MetaPaths, ensure_dir, is_item_relpath, share_file, unlink_quietly
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ class Ledger:
             pass  # another process won; use theirs
         finally:
             for suffix in ("", "-wal", "-shm"):
-                _unlink_quietly(tmp + suffix)
+                unlink_quietly(tmp + suffix)
 
     @staticmethod
     def _version(conn: sqlite3.Connection) -> int:
@@ -344,7 +344,7 @@ class Ledger:
             for token, path in journal.iter_journals(self.paths):
                 if only_token is not None and token != only_token:
                     continue
-                alive = only_token is None and _journal_owner_alive(self.paths, token)
+                alive = only_token is None and holds.owner_alive(self.paths, token)
                 offset = offsets.get(token, 0)
                 try:
                     with open(path, "rb") as fh:
@@ -365,7 +365,7 @@ class Ledger:
             self._apply(conn, batch)
         if not self.readonly and finished:
             for token, path in finished:
-                _unlink_quietly(path)
+                unlink_quietly(path)
             with self._transaction() as conn:
                 conn.executemany("DELETE FROM journals WHERE token = ?",
                                  [(t,) for t, _ in finished])
@@ -470,17 +470,6 @@ def _nothing() -> Iterator[None]:
     yield None
 
 
-def _journal_owner_alive(paths: MetaPaths, token: str) -> bool:
-    path = os.path.join(paths.holds_dir, token)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        return holds._is_alive(fd)
-    finally:
-        os.close(fd)
-
 
 def is_corruption(exc: Exception) -> bool:
     """Only damage moves a ledger aside; a busy or read-only ledger is an error to report."""
@@ -504,9 +493,3 @@ def move_aside(path: str, why: Exception) -> str:
                    "started a new one (no cached file was touched)", path, why, aside)
     return aside
 
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass

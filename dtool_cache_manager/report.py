@@ -19,7 +19,7 @@ from dtoolcore.utils import sanitise_uri
 from .api import open_ledger
 from .executor import (STALE_PARTIAL_SECONDS, CleanPlan, PlannedRemoval,
                        forget_if_vanished, is_inside)
-from .holds import Holder, live_holds
+from .holds import Holder, holders_in, live_holds
 from .layout import MetaPaths
 from .ledger import ItemRow
 from .params import BadInput
@@ -150,15 +150,9 @@ def _normalise_dataset(value: str) -> str:
 
 def _holders(found: CachedFile, row: Optional[ItemRow], holds) -> Tuple[Holder, ...]:
     """Holders of a file: by exact item when tracked, by identifier alone when not."""
-    identifier = row.identifier if row else found.identifier
-    result = []
-    for holder, keys in holds.items():
-        for key in keys:
-            if key.relpath == found.relpath or (key.identifier == identifier and (
-                    row is None or key.uuid == row.uuid)):
-                result.append(holder)
-                break
-    return tuple(sorted(result, key=lambda h: (h.user, h.host, h.pid)))
+    if row is None:
+        return tuple(holders_in(holds, found.identifier))
+    return tuple(holders_in(holds, row.identifier, uuid=row.uuid, relpath=found.relpath))
 
 
 # -- summary ---------------------------------------------------------------------------

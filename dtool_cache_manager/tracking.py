@@ -44,16 +44,17 @@ class ProcessSession:
         self.journal = JournalWriter(paths, identity, self.holds.token)
         self.items: Dict[Tuple[str, str], ItemState] = {}
 
-    def close(self, fold_journal: bool = True) -> None:
+    def close(self) -> None:
+        """Fold this process's journal in (a later reader does it if that fails), then drop
+        the holds."""
         self.journal.close()
-        if fold_journal:
-            try:
-                from .ledger import Ledger
+        try:
+            from .ledger import Ledger
 
-                with Ledger(self.paths, timeout=2.0) as ledger:
-                    ledger.compact(only_token=self.holds.token)
-            except Exception as exc:  # noqa: BLE001 - a later reader folds it instead
-                logger.debug("dtool-cache-manager: journal left for later (%r)", exc)
+            with Ledger(self.paths, timeout=2.0) as ledger:
+                ledger.compact(only_token=self.holds.token)
+        except Exception as exc:  # noqa: BLE001
+            logger.debug("dtool-cache-manager: journal left for later (%r)", exc)
         self.holds.close()
 
 
