@@ -16,9 +16,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator, List, Optional
 
-from dtoolcore.utils import sanitise_uri
-
-from . import executor, scan, tracking
+from . import diskindex, executor
 from .holds import holders_of
 from .layout import MetaPaths, resolve_cache_dir
 from .ledger import ItemRow, Ledger, LedgerError, is_corruption, move_aside
@@ -120,18 +118,36 @@ def remove_cache_item_safely(uri: str, identifier: str, cache_dir: Optional[str]
 
 def release(uri: str, identifier: str, cache_dir: Optional[str] = None) -> int:
     """Stop this process holding the item, so a cleaner may take it; returns holds released."""
+    from . import tracking
+
     return tracking.release(resolve_cache_dir(cache_dir), sanitise_uri(uri), identifier)
 
 
-hold_scope = tracking.hold_scope
+def hold_scope(*args, **kwargs):
+    """See :func:`tracking.hold_scope` (imported on use: the CLI never needs the hooks)."""
+    from . import tracking
+
+    return tracking.hold_scope(*args, **kwargs)
+
+
+def sanitise_uri(uri: str) -> str:
+    from dtoolcore.utils import sanitise_uri as sanitise
+
+    return sanitise(uri)
 
 
 def cache_size(cache_dir: Optional[str] = None) -> int:
     """Bytes of cached item files on disk (partial downloads included, our bookkeeping not)."""
-    result = scan.scan_cache(resolve_cache_dir(cache_dir))
-    return result.total_size_bytes
+    return sum(d.file_bytes + d.partial_bytes for d in _dir_totals(cache_dir))
 
 
 def cache_num_items(cache_dir: Optional[str] = None) -> int:
     """Number of complete cached item files on disk."""
-    return len(scan.scan_cache(resolve_cache_dir(cache_dir)).files)
+    return sum(d.num_files for d in _dir_totals(cache_dir))
+
+
+def _dir_totals(cache_dir: Optional[str]) -> List[diskindex.DirTotals]:
+    from .report import indexed  # report builds on this module
+
+    with indexed(resolve_cache_dir(cache_dir)) as index:
+        return diskindex.dir_totals(index.conn)

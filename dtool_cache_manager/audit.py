@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Iterable, Optional, Tuple
 
-from dtoolcore.utils import generous_parse_uri
-
 from .ledger import Ledger, from_db
 
 GROUPINGS = ("user", "dataset", "item")
@@ -121,4 +119,6 @@ def _scheme(uri: str) -> str:
     """The scheme of a removed item's dataset, from the uri its accesses recorded."""
     if not uri:
         return ""
+    from dtoolcore.utils import generous_parse_uri  # on use: keeps the CLI's start-up short
+
     return generous_parse_uri(uri).scheme or "file"

@@ -13,7 +13,8 @@ import time
 
 import click
 
-from . import __version__, audit as audit_mod, formatting, report, verify as verify_mod
+from . import __version__, audit as audit_mod, formatting, housekeeping, report
+from . import settings as settings_mod
 from .api import open_ledger
 from .layout import resolve_cache_dir
 from .ledger import LedgerError
@@ -59,10 +60,15 @@ def cache():
 @cache.command()
 @cache_dir_option
 @json_option
-def summary(cache_dir, as_json):
+@click.option("--rescan", is_flag=True,
+              help="Stat every file again instead of only directories that changed (for "
+                   "files rewritten in place, which a directory's mtime does not show).")
+def summary(cache_dir, as_json, rescan):
     """How much space the cache uses, what is in it, and what is in use."""
-    result = _guarded(report.summarize, resolve_cache_dir(cache_dir))
-    click.echo(formatting.render_summary(result, as_json))
+    directory = resolve_cache_dir(cache_dir)
+    result = _guarded(report.summarize, directory, None, rescan)
+    click.echo(formatting.render_summary(result, as_json,
+                                         housekeeping=housekeeping.status(directory)))
 
 
 @cache.command(name="ls")
@@ -77,8 +83,8 @@ def summary(cache_dir, as_json):
 def ls(cache_dir, as_json, dataset, sort, limit, in_use, untracked):
     """List cached items with their usage."""
     report.parse_sort(sort)  # bad input fails before any work
-    inv = _guarded(report.inventory, resolve_cache_dir(cache_dir), dataset)
-    items = report.list_items(inv, sort=sort, limit=limit, in_use=in_use, untracked=untracked)
+    items = _guarded(report.list_cached, resolve_cache_dir(cache_dir), sort, limit, in_use,
+                     untracked, dataset)
     click.echo(formatting.render_items(items, as_json))
 
 
@@ -128,8 +134,7 @@ def clean(cache_dir, as_json, dataset, remove_all, older_than, retain_size,
     if not (dry_run or yes or sys.stdin.isatty()):
         raise BadInput("refusing to remove files without confirmation: pass --yes "
                        "(or --dry-run to see the plan)")
-    inv = _guarded(report.inventory, directory, dataset)
-    plan = report.plan_clean(inv, rules, now=time.time())
+    plan = _guarded(report.plan, directory, rules, dataset, time.time())
     if dry_run:
         click.echo(formatting.render_clean_plan(plan, note, as_json))
         return
@@ -182,6 +187,8 @@ def verify_command(cache_dir, as_json, check_hash, fix):
 
     Exits with status 1 if any file is missing, truncated or corrupt and was not fixed.
     """
+    from . import verify as verify_mod  # loads dtoolcore's hashers: only here
+
     directory = resolve_cache_dir(cache_dir)
     results = _guarded(_verify_results, directory, check_hash, fix)
     click.echo(formatting.render_verify(results, as_json))
@@ -191,8 +198,106 @@ def verify_command(cache_dir, as_json, check_hash, fix):
 
 
 def _verify_results(directory, check_hash, fix):
+    from . import verify as verify_mod
+
     with open_ledger(directory) as ledger:
         return verify_mod.verify(ledger, check_hash=check_hash, fix=fix)
+
+
+@cache.command(name="config")
+@json_option
+@click.argument("key", required=False, metavar="[KEY")
+@click.argument("value", required=False, metavar="[VALUE]]")
+@click.option("--unset", is_flag=True, help="Remove KEY from dtool's config file.")
+def config_command(as_json, key, value, unset):
+    """Show or set the limits of automatic housekeeping.
+
+    \b
+    dtool cache config                                  every setting and its source
+    dtool cache config DTOOL_CACHE_MAX_SIZE             one value
+    dtool cache config DTOOL_CACHE_MAX_SIZE 50GB        write it to dtool's config file
+    dtool cache config DTOOL_CACHE_MAX_SIZE --unset     remove it from there
+
+    KEY is DTOOL_CACHE_MAX_SIZE (a size), DTOOL_CACHE_MAX_AGE or
+    DTOOL_CACHE_AUTOCLEAN_INTERVAL (ages; the interval defaults to 1h).  An environment
+    variable of the same name takes precedence over the file.
+    """
+    path = settings_mod.config_path()
+    try:
+        if key is None:
+            if unset:
+                raise BadInput("--unset needs a KEY")
+            click.echo(formatting.render_settings(settings_mod.survey(path=path), path,
+                                                  as_json))
+        elif unset:
+            if value is not None:
+                raise BadInput("--unset takes a KEY and no VALUE")
+            _config_unset(key, path, as_json)
+        elif value is None:
+            _config_show(key, path, as_json)
+        else:
+            _config_write(key, value, path, as_json)
+    except settings_mod.SettingsError as exc:
+        raise BadInput(str(exc)) from None
+
+
+def _config_show(key, path, as_json):
+    setting = settings_mod.find(key, path=path)
+    if setting.text is None and not as_json:
+        click.echo(f"{key} is not set", err=True)
+        return
+    click.echo(formatting.render_setting(setting, as_json))
+
+
+def _config_write(key, value, path, as_json):
+    text = settings_mod.write(key, value, path)
+    click.echo(formatting.render_config_change(key, text, None, path, as_json))
+    _note_environment_override(key)
+
+
+def _config_unset(key, path, as_json):
+    removed = settings_mod.unset(key, path)
+    click.echo(formatting.render_config_change(key, None, removed, path, as_json))
+    _note_environment_override(key)
+
+
+def _note_environment_override(key):
+    if os.environ.get(key, "").strip():
+        click.echo(f"Note: {key}={os.environ[key]!r} in the environment takes precedence.",
+                   err=True)
+
+
+@cache.command(name="autoclean")
+@cache_dir_option
+@json_option
+def autoclean_command(cache_dir, as_json):
+    """Run one automatic clean now, in the foreground.
+
+    Does what the background clean started by a cache miss does: measures the cache,
+    removes items unused for longer than DTOOL_CACHE_MAX_AGE, then, if the cache is over
+    DTOOL_CACHE_MAX_SIZE, the least recently used items down to 90% of it.  Items in use
+    are kept.  The run is logged like an automatic one.  Exits with status 1 if the run
+    failed, or if an automatic clean is running already.
+    """
+    directory = resolve_cache_dir(cache_dir)
+    try:
+        limits = settings_mod.load()
+    except settings_mod.SettingsError as exc:
+        raise BadInput(str(exc)) from None
+    if not limits.limits_set:
+        raise BadInput(f"no limit set: set {settings_mod.MAX_SIZE} or {settings_mod.MAX_AGE} "
+                       "(e.g. 'dtool cache config DTOOL_CACHE_MAX_SIZE 50GB')")
+    if not os.path.isdir(directory):
+        raise BadInput(f"cache directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise BadInput(f"cannot clean {directory}: you may not write to it")
+    try:
+        record = housekeeping.run_now(directory, limits)
+    except housekeeping.Busy as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(formatting.render_autoclean(record, as_json))
+    if record.error:
+        sys.exit(1)
 
 
 def _guarded(fn, *args):

@@ -15,15 +15,17 @@ import sqlite3
 import stat
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .holds import Holder, exclusive_gate, holders_of
+from .holds import (Holder, by_identifier, exclusive_gate, exclusive_gates, holders_in,
+                    holders_of, live_holds)
 from .layout import MetaPaths, is_item_relpath
 from .ledger import ItemRow, Ledger
 
 logger = logging.getLogger(__name__)
 
 STALE_PARTIAL_SECONDS = 3600.0  # a '*.tmp' untouched this long is no download in progress
+ALREADY_GONE = "already gone from disk"
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ def _unlink_checked(paths: MetaPaths, relpath: str, identifier: str, holders_fn,
             st = os.lstat(abspath)
         except FileNotFoundError:
             _record(on_removed, relpath)
-            return RemovalOutcome(relpath, False, reason="already gone from disk")
+            return RemovalOutcome(relpath, False, reason=ALREADY_GONE)
         if not stat.S_ISREG(st.st_mode):
             return RemovalOutcome(relpath, False, reason="not a regular file")
         os.unlink(abspath)
@@ -76,14 +78,14 @@ def _unlink_checked(paths: MetaPaths, relpath: str, identifier: str, holders_fn,
     return RemovalOutcome(relpath, True, freed_bytes=st.st_size)
 
 
-def _record(on_removed: Callable[[], None], relpath: str) -> None:
+def _record(on_removed: Callable[[], None], what: str) -> None:
     """Update the ledger after an unlink; if it cannot be written (disk full), the file is
     still gone and the next reconcile drops its row."""
     try:
         on_removed()
     except sqlite3.Error as exc:
         logger.warning("dtool-cache-manager: removed %s but could not update the ledger (%s); "
-                       "the next run reconciles it", relpath, exc)
+                       "the next run reconciles it", what, exc)
 
 
 def remove_item(ledger: Ledger, row: ItemRow, uri: Optional[str] = None) -> RemovalOutcome:
@@ -130,12 +132,15 @@ def forget_if_vanished(ledger: Ledger, row: ItemRow) -> bool:
 
 # -- cleaning -------------------------------------------------------------------------
 
+BATCH_SIZE = 512  # removals decided under one set of gates and one snapshot of the holds
+
 
 @dataclass(frozen=True)
 class PlannedRemoval:
     relpath: str
     size_bytes: int
-    row: Optional[ItemRow]  # None: untracked
+    identifier: Optional[str]
+    uuid: Optional[str]  # None: untracked, so any hold on its identifier keeps it
 
 
 @dataclass(frozen=True)
@@ -165,10 +170,24 @@ class CleanPlan:
     def execute(self, ledger: Ledger,
                 progress: Optional[Callable[[PlannedRemoval], None]] = None) -> CleanResult:
         removed, skipped = [], []
-        for planned in self.removals + self.stale_partials:
+        gone: List[Tuple[str, float, Optional[int]]] = []
+        try:
+            with _Directories(self.paths.cache_dir) as folders:
+                for start in range(0, len(self.removals), BATCH_SIZE):
+                    batch = self.removals[start:start + BATCH_SIZE]
+                    for planned, outcome in zip(batch, remove_batch(self.paths, folders,
+                                                                    batch, gone)):
+                        (removed if outcome.removed else skipped).append(outcome)
+                        if progress is not None:
+                            progress(planned)
+        finally:
+            if gone:  # one transaction for the whole clean, even if it was interrupted
+                gone.sort()  # in key order: neighbouring rows share pages
+                _record(lambda: ledger.forget_removed(gone), f"{len(gone)} files")
+        for planned in self.stale_partials:
             try:
-                outcome = self._remove(ledger, planned)
-            except OSError as exc:  # e.g. permission denied in a shared cache: keep going
+                outcome = _remove_stale_partial(self.paths, planned.relpath)
+            except OSError as exc:
                 outcome = RemovalOutcome(planned.relpath, False, reason=str(exc))
             (removed if outcome.removed else skipped).append(outcome)
             if progress is not None:
@@ -177,12 +196,121 @@ class CleanPlan:
                     for relpath, holders in self.skipped_in_use]
         return CleanResult(tuple(removed), tuple(skipped))
 
-    def _remove(self, ledger: Ledger, planned: PlannedRemoval) -> RemovalOutcome:
-        if planned.row is not None:
-            return remove_item(ledger, planned.row)
-        if planned in self.stale_partials:
-            return _remove_stale_partial(self.paths, planned.relpath)
-        return remove_untracked(self.paths, planned.relpath)
+
+class _Directories:
+    """Open handles on the cache's directories, each checked once to lie inside the cache.
+
+    Files are then examined and unlinked relative to the handle (``dir_fd``), so a directory
+    swapped for a symbolic link after the check still cannot lead a removal outside the
+    cache, and no removal pays for resolving its whole path again.
+    """
+
+    MAX_OPEN = 256
+
+    def __init__(self, cache_dir: str):
+        self.cache_dir = cache_dir
+        self.real_cache = os.path.realpath(cache_dir)
+        self._fds: Dict[str, Optional[int]] = {}
+
+    def fd(self, folder: str) -> Optional[int]:
+        """A handle on ``folder`` (relative), or None if it is not a directory inside."""
+        if folder in self._fds:
+            return self._fds[folder]
+        if len(self._fds) >= self.MAX_OPEN:
+            self.close()
+        try:
+            fd = os.open(os.path.join(self.cache_dir, folder),
+                         os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            fd = None
+        if fd is not None and not self._really_inside(fd, folder):
+            os.close(fd)
+            fd = None
+        self._fds[folder] = fd
+        return fd
+
+    def _really_inside(self, fd: int, folder: str) -> bool:
+        try:
+            real = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # no /proc: the resolved path must be the directory we opened
+            real = os.path.realpath(os.path.join(self.cache_dir, folder))
+            opened, found = os.fstat(fd), os.stat(real)
+            if (opened.st_dev, opened.st_ino) != (found.st_dev, found.st_ino):
+                return False
+        return real == self.real_cache or real.startswith(self.real_cache + os.sep)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            if fd is not None:
+                os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> "_Directories":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def remove_batch(paths: MetaPaths, folders: _Directories, batch: Sequence[PlannedRemoval],
+                 gone: List[Tuple[str, float, Optional[int]]]) -> List[RemovalOutcome]:
+    """Remove a batch of files, each unless a live process holds it; appends what is gone
+    from disk to ``gone`` as (relpath, removed_at, inode) for :meth:`Ledger.forget_removed`.
+
+    The same proof as :func:`remove_item`, paid once per batch: every item's exclusive gate
+    is taken (in a fixed order, so two cleaners cannot deadlock), then the holds are read
+    once; a hold taken after that read waits at its gate until the batch is done, and its
+    access then finds the file gone and fetches it again.  The ledger is written after the
+    gates are released, once per clean: an access after the removal is journalled later
+    than ``removed_at``, so its row is kept (see ``forget_removed``).
+    """
+    outcomes: List[Optional[RemovalOutcome]] = [None] * len(batch)
+    todo = []
+    for n, planned in enumerate(batch):
+        folder = os.path.dirname(planned.relpath)
+        if not is_item_relpath(planned.relpath) or folders.fd(folder) is None:
+            outcomes[n] = RemovalOutcome(planned.relpath, False,
+                                         reason="path is outside the cache directory")
+        else:
+            todo.append(n)
+    inodes: Dict[int, Optional[int]] = {}
+    with exclusive_gates(paths, {_gate_identifier(batch[n]) for n in todo}):
+        held = by_identifier(live_holds(paths))
+        for n in todo:
+            planned = batch[n]
+            outcomes[n], inodes[n] = _unlink_unless_held(
+                folders.fd(os.path.dirname(planned.relpath)), planned, held)
+        removed_at = time.time()  # before any access can take a hold again
+    for n, ino in inodes.items():
+        if outcomes[n].removed or outcomes[n].reason == ALREADY_GONE:
+            gone.append((batch[n].relpath, removed_at, ino))
+    return outcomes  # type: ignore[return-value]
+
+
+def _gate_identifier(planned: PlannedRemoval) -> str:
+    return planned.identifier or os.path.basename(planned.relpath)[:40]
+
+
+def _unlink_unless_held(dir_fd: int, planned: PlannedRemoval, held
+                        ) -> Tuple[RemovalOutcome, Optional[int]]:
+    """Under the gates: the outcome, and the inode removed (0 when the file was gone)."""
+    identifier = _gate_identifier(planned)
+    holders = holders_in(held.get(identifier, {}), identifier, uuid=planned.uuid,
+                         relpath=planned.relpath if planned.uuid is not None else None)
+    if holders:
+        return RemovalOutcome(planned.relpath, False, holders=tuple(holders),
+                              reason="in use"), None
+    name = os.path.basename(planned.relpath)
+    try:
+        st = os.lstat(name, dir_fd=dir_fd)
+        if not stat.S_ISREG(st.st_mode):
+            return RemovalOutcome(planned.relpath, False, reason="not a regular file"), None
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return RemovalOutcome(planned.relpath, False, reason=ALREADY_GONE), 0
+    except OSError as exc:  # e.g. permission denied in a shared cache: keep going
+        return RemovalOutcome(planned.relpath, False, reason=str(exc)), None
+    return RemovalOutcome(planned.relpath, True, freed_bytes=st.st_size), st.st_ino
 
 
 def _remove_stale_partial(paths: MetaPaths, relpath: str) -> RemovalOutcome:
@@ -193,7 +321,7 @@ def _remove_stale_partial(paths: MetaPaths, relpath: str) -> RemovalOutcome:
     try:
         st = os.lstat(abspath)
     except FileNotFoundError:
-        return RemovalOutcome(relpath, False, reason="already gone from disk")
+        return RemovalOutcome(relpath, False, reason=ALREADY_GONE)
     if not stat.S_ISREG(st.st_mode) or time.time() - st.st_mtime < STALE_PARTIAL_SECONDS:
         return RemovalOutcome(relpath, False, reason="download in progress")
     os.unlink(abspath)

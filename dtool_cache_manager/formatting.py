@@ -6,15 +6,19 @@ import dataclasses
 import datetime as _dt
 import json
 import time
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import humanfriendly
 from humanfriendly.tables import format_pretty_table
 
 from .audit import AuditRow
 from .executor import CleanPlan, CleanResult
+from .housekeeping import AutocleanStatus, RunRecord
 from .report import ItemView, Summary
-from .verify import OK, VerifyResult
+from .settings import MAX_SIZE, Setting
+
+if TYPE_CHECKING:
+    from .verify import VerifyResult
 
 
 def iso_utc(timestamp: Optional[float]) -> Optional[str]:
@@ -61,11 +65,14 @@ def _holders_text(holders) -> str:
 # -- summary ---------------------------------------------------------------------------
 
 
-def render_summary(summary: Summary, as_json: bool) -> str:
+def render_summary(summary: Summary, as_json: bool,
+                   housekeeping: Optional[AutocleanStatus] = None) -> str:
     if as_json:
         data = dataclasses.asdict(summary)
         for ds in data["datasets"]:
             ds["last_access"] = iso_utc(ds["last_access"])
+        if housekeeping is not None:
+            data["housekeeping"] = housekeeping_json(housekeeping)
         return _dumps(data)
     lines = [
         f"Cache directory: {show(summary.cache_directory)}",
@@ -88,10 +95,137 @@ def render_summary(summary: Summary, as_json: bool) -> str:
     if summary.lost_records:
         lines.append(f"Not recorded:    {plural(summary.lost_records, 'access')} "
                      "(the disk was full)")
+    if housekeeping is not None:
+        lines += housekeeping_lines(housekeeping)
     if summary.datasets:
         rows = [[show(d.uris[0] if d.uris else d.key), str(d.num_items), size(d.size_bytes),
                  ago(d.last_access)] for d in summary.datasets]
         lines += ["", format_pretty_table(rows, ["Dataset", "Items", "Size", "Last access"])]
+    return "\n".join(lines)
+
+
+# -- housekeeping ----------------------------------------------------------------------
+
+
+def housekeeping_json(status: AutocleanStatus) -> dict:
+    settings = status.settings
+    last = status.last_run
+    return {
+        "max_size_bytes": settings.max_size_bytes if settings else None,
+        "max_age_seconds": settings.max_age_seconds if settings else None,
+        "interval_seconds": settings.interval_seconds if settings else None,
+        "settings": [setting_json(e) for e in settings.entries] if settings else [],
+        "settings_error": status.settings_error,
+        "running": status.running,
+        "last_run": None if last is None else {
+            "start": iso_utc(last.start), "end": iso_utc(last.end), "trigger": last.trigger,
+            "user": last.user, "pid": last.pid, "size_before_bytes": last.size_before_bytes,
+            "size_after_bytes": last.size_after_bytes, "removed": last.removed,
+            "freed_bytes": last.freed_bytes, "skipped_in_use": last.skipped_in_use,
+            "error": last.error},
+    }
+
+
+def housekeeping_lines(status: AutocleanStatus) -> list:
+    settings = status.settings
+    if settings is None:
+        lines = [f"Limits:          not in effect: {show(status.settings_error or '')}"]
+    elif not settings.limits_set:
+        lines = ["Limits:          none (automatic cleaning is off; see 'dtool cache config')"]
+    else:
+        shown = [f"{label} {show(e.text)} ({e.source})" for label, e in
+                 zip(("max size", "max age"), settings.entries) if e.text is not None]
+        interval = settings.entries[2]
+        lines = [f"Limits:          {', '.join(shown)}; "
+                 f"checked at most every {show(interval.text)} ({interval.source})"]
+    last = status.last_run
+    if last is not None or (settings is not None and settings.limits_set):
+        running = " (one is running now)" if status.running else ""
+        lines.append(f"Last autoclean:  {describe_run(last)}{running}")
+    return lines
+
+
+def describe_run(last: Optional[RunRecord]) -> str:
+    if last is None:
+        return "never"
+    when = f"{ago(last.end)} ({show(last.trigger)})"
+    if last.error:
+        return f"{when}: failed: {show(last.error)}"
+    after = "" if last.size_after_bytes is None else f"; {size(last.size_after_bytes)} after"
+    return (f"{when}: removed {plural(last.removed, 'file')}, freed {size(last.freed_bytes)}"
+            f"{after}")
+
+
+def setting_json(setting: Setting) -> dict:
+    return {"key": setting.key, "value": setting.text, "parsed": setting.value,
+            "unit": "bytes" if setting.key == MAX_SIZE else "seconds",
+            "source": setting.source, "error": setting.error}
+
+
+def _meaning(setting: Setting) -> str:
+    if setting.error:
+        return "INVALID (below)"
+    if setting.value is None:
+        return "-"
+    if setting.key == MAX_SIZE:
+        return size(int(setting.value))
+    return humanfriendly.format_timespan(setting.value)
+
+
+def render_settings(settings: Sequence[Setting], config_path: str, as_json: bool) -> str:
+    """``dtool cache config``: every setting with its value, meaning and source."""
+    if as_json:
+        return _dumps({"config_path": config_path,
+                       "settings": [setting_json(s) for s in settings]})
+    rows = [[s.key, show(s.text) if s.text is not None else "-", _meaning(s), s.source]
+            for s in settings]
+    lines = [format_pretty_table(rows, ["Setting", "Value", "Meaning", "Source"]),
+             f"Config file: {show(config_path)} (the environment takes precedence)"]
+    lines += [f"Invalid: {show(s.error)}" for s in settings if s.error]
+    return "\n".join(lines)
+
+
+def render_setting(setting: Setting, as_json: bool) -> str:
+    """``dtool cache config KEY``: the value as found (empty when unset)."""
+    if as_json:
+        return _dumps(setting_json(setting))
+    return setting.text or ""
+
+
+def render_config_change(key: str, text: Optional[str], removed: Optional[bool],
+                         config_path: str, as_json: bool) -> str:
+    """``dtool cache config KEY VALUE`` (``text``) or ``--unset`` (``removed``)."""
+    if as_json:
+        data = {"key": key, "config_path": config_path}
+        data.update({"value": text} if removed is None else {"removed": removed})
+        return _dumps(data)
+    if removed is None:
+        return f"{key} = {text} (in {show(config_path)})"
+    return (f"Removed {key} from {show(config_path)}." if removed
+            else f"{key} is not in {show(config_path)}.")
+
+
+def render_autoclean(record: RunRecord, as_json: bool) -> str:
+    """``dtool cache autoclean``: what the run did."""
+    if as_json:
+        return _dumps(record.to_json())
+    if record.error:
+        lines = [f"Automatic clean failed: {show(record.error)}"]
+    else:
+        before = record.size_before_bytes or 0
+        lines = [f"Cache size before: {size(before)}"]
+        if record.removed or record.freed_bytes:
+            lines.append(f"Removed {plural(record.removed, 'file')}, freed "
+                         f"{size(record.freed_bytes)}; size now "
+                         f"{size(record.size_after_bytes or 0)}.")
+        else:
+            lines.append("Nothing to remove.")
+        if record.target_size_bytes is not None and record.max_size_bytes is not None:
+            lines.append(f"Size limit {size(record.max_size_bytes)}: an over-size cache is "
+                         f"cleaned down to {size(record.target_size_bytes)}.")
+        if record.skipped_in_use:
+            lines.append(f"Kept {plural(record.skipped_in_use, 'file')} in use.")
+    lines += [f"Warning: {w}" for w in record.warnings]
     return "\n".join(lines)
 
 
@@ -205,7 +339,7 @@ def render_audit(rows: Sequence[AuditRow], total: AuditRow, by: str, as_json: bo
 # -- verify ----------------------------------------------------------------------------
 
 
-def render_verify(results: Sequence[VerifyResult], as_json: bool) -> str:
+def render_verify(results: Sequence["VerifyResult"], as_json: bool) -> str:
     if as_json:
         rows = []
         for r in results:
@@ -214,6 +348,8 @@ def render_verify(results: Sequence[VerifyResult], as_json: bool) -> str:
             row["holders"] = _holder_list(r.holders)
             rows.append(row)
         return _dumps(rows)
+    from .verify import OK  # verify loads dtoolcore's hashers: only when verifying
+
     bad = [r for r in results if r.status != OK]
     lines = [f"Checked {plural(len(results), 'tracked file')}: {len(results) - len(bad)} ok."]
     for r in bad:

@@ -288,10 +288,28 @@ def holders_in(holds: Dict[Holder, FrozenSet[HoldKey]], identifier: Optional[str
     return sorted(found, key=lambda h: (h.user, h.host, h.pid))
 
 
+def by_identifier(holds: Dict[Holder, FrozenSet[HoldKey]]
+                  ) -> Dict[str, Dict[Holder, FrozenSet[HoldKey]]]:
+    """A snapshot split by identifier, so that matching a million files against it costs a
+    dictionary lookup each: ``holders_in(split.get(identifier, {}), identifier, ...)``."""
+    split: Dict[str, Dict[Holder, Set[HoldKey]]] = {}
+    for holder, keys in holds.items():
+        for key in keys:
+            split.setdefault(key.identifier, {}).setdefault(holder, set()).add(key)
+    return {ident: {h: frozenset(k) for h, k in held.items()} for ident, held in split.items()}
+
 
 @contextmanager
 def exclusive_gate(paths: MetaPaths, identifier: str) -> Iterator[None]:
     """Shut out new holds of ``identifier`` while a removal decides and acts."""
     with open_range_lock(paths.gate_lock, paths.shared).locked(gate_key(identifier),
                                                                exclusive=True):
+        yield
+
+
+@contextmanager
+def exclusive_gates(paths: MetaPaths, identifiers) -> Iterator[None]:
+    """:func:`exclusive_gate` for a batch of removals at once."""
+    with open_range_lock(paths.gate_lock, paths.shared).locked_many(
+            [gate_key(i) for i in identifiers], exclusive=True):
         yield

@@ -14,7 +14,6 @@ import stat
 from dataclasses import dataclass
 from typing import Optional
 
-from dtoolcore.utils import DEFAULT_CACHE_PATH, get_config_value
 
 META_DIRNAME = ".dtool-cache-manager"
 DISABLE_ENV = "DTOOL_CACHE_MANAGER_DISABLE"
@@ -27,8 +26,12 @@ def tracking_disabled() -> bool:
 
 def configured_cache_dir(config_path: Optional[str] = None) -> str:
     """The cache directory the brokers use: environment, then dtool.json, then ~/.cache/dtool."""
-    value = get_config_value("DTOOL_CACHE_DIRECTORY", config_path=config_path,
-                             default=DEFAULT_CACHE_PATH)
+    value = os.environ.get("DTOOL_CACHE_DIRECTORY") if config_path is None else None
+    if value is None:  # as dtool decides; its import costs the CLI 50 ms, so only when needed
+        from dtoolcore.utils import DEFAULT_CACHE_PATH, get_config_value
+
+        value = get_config_value("DTOOL_CACHE_DIRECTORY", config_path=config_path,
+                                 default=DEFAULT_CACHE_PATH)
     return os.path.abspath(os.path.expanduser(value))
 
 

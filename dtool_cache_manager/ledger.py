@@ -15,19 +15,29 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
-from . import holds, journal
+from . import diskindex, holds, journal
 from .layout import MetaPaths, ensure_dir, is_item_relpath, share_file, unlink_quietly
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+CACHE_KIB = 262144  # page cache: a million-file index fits, so updates do not thrash
+# A removal is remembered this long, so that an access journalled before it and folded in
+# after it does not bring back the row (see _Batch); a later straggler is reconciled away.
+REMOVALS_KEPT_SECONDS = 86400.0
 
-# Upgrades from each older version, applied in order in one transaction.
+# Upgrades from each older version, applied in order in one transaction.  Version 3 adds the
+# disk index (see :mod:`diskindex`); it is derived, so the first refresh fills it.
 _MIGRATIONS = {
     1: ("ALTER TABLE items ADD COLUMN hash_function TEXT",
         "ALTER TABLE usage ADD COLUMN miss_bytes INTEGER NOT NULL DEFAULT 0"),
+    2: ("DROP INDEX IF EXISTS items_by_last_access",  # files_by_last_access serves instead
+        *diskindex.statements(diskindex.SCHEMA),
+        "INSERT OR REPLACE INTO meta VALUES ('item_rows', (SELECT count(*) FROM items))",
+        """INSERT OR IGNORE INTO dataset_uris (uuid, uri)
+           SELECT DISTINCT items.uuid, item_uris.uri FROM items JOIN item_uris USING (relpath)"""),
 }
 
 _SCHEMA = """
@@ -49,7 +59,6 @@ CREATE TABLE IF NOT EXISTS items (
     hash_function TEXT
 );
 CREATE INDEX IF NOT EXISTS items_by_identifier ON items (identifier, uuid);
-CREATE INDEX IF NOT EXISTS items_by_last_access ON items (last_access);
 CREATE TABLE IF NOT EXISTS item_uris (
     relpath TEXT NOT NULL, uri TEXT NOT NULL, PRIMARY KEY (relpath, uri)
 ) WITHOUT ROWID;
@@ -70,7 +79,17 @@ CREATE TABLE IF NOT EXISTS usage (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS removals (relpath TEXT PRIMARY KEY, removed_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS journals (token TEXT PRIMARY KEY, offset INTEGER NOT NULL);
-"""
+""" + diskindex.SCHEMA
+
+
+# The number of ``items`` rows, kept by triggers: counting a million rows costs 0.1 s, and
+# every command compares it with the disk index's tracked files to catch stray rows.
+_TRIGGERS = (
+    """CREATE TRIGGER IF NOT EXISTS items_counted_in AFTER INSERT ON items BEGIN
+         UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'item_rows'; END""",
+    """CREATE TRIGGER IF NOT EXISTS items_counted_out AFTER DELETE ON items BEGIN
+         UPDATE meta SET value = CAST(value AS INTEGER) - 1 WHERE key = 'item_rows'; END""",
+)
 
 
 class LedgerError(Exception):
@@ -236,6 +255,7 @@ class Ledger:
         conn = sqlite3.connect(path, timeout=self.timeout, isolation_level=None)
         try:
             conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             conn.execute("BEGIN IMMEDIATE")  # creators and upgraders take turns
             version = self._version(conn)
             if version < SCHEMA_VERSION:
@@ -274,10 +294,12 @@ class Ledger:
         """The schema version, creating the schema in an empty database."""
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if not tables:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            for statement in diskindex.statements(_SCHEMA):
+                conn.execute(statement)
             conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            conn.execute("INSERT INTO meta VALUES ('item_rows', 0)")
+            for trigger in _TRIGGERS:
+                conn.execute(trigger)
             return SCHEMA_VERSION
         if "meta" not in tables:
             raise _Unusable("it has no meta table: not a ledger of ours")
@@ -293,9 +315,10 @@ class Ledger:
         for old in range(version, SCHEMA_VERSION):
             for statement in _MIGRATIONS[old]:
                 conn.execute(statement)
-        for statement in _SCHEMA.split(";"):  # tables and indexes added since
-            if statement.strip():
-                conn.execute(statement)
+        for statement in diskindex.statements(_SCHEMA):  # tables and indexes added since
+            conn.execute(statement)
+        for trigger in _TRIGGERS:
+            conn.execute(trigger)
         conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
                      (str(SCHEMA_VERSION),))
 
@@ -338,9 +361,7 @@ class Ledger:
         with self._transaction() if not self.readonly else _nothing() as conn:
             conn = conn or self.conn
             offsets = dict(conn.execute("SELECT token, offset FROM journals"))
-            removed_at = {from_db(r): t for r, t in conn.execute(
-                "SELECT relpath, removed_at FROM removals")}
-            batch = _Batch(removed_at)
+            pending = []
             for token, path in journal.iter_journals(self.paths):
                 if only_token is not None and token != only_token:
                     continue
@@ -354,14 +375,17 @@ class Ledger:
                 except (FileNotFoundError, ValueError, IndexError):
                     continue
                 records, consumed = journal.parse_journal(data, user, host)
-                for rec in records:
-                    batch.add(rec)
+                pending.extend(records)
                 applied += sum(isinstance(r, journal.AccessRecord) for r in records)
                 if not self.readonly:
                     conn.execute("INSERT OR REPLACE INTO journals VALUES (?, ?)",
                                  (token, offset + consumed))
                 if not alive:
                     finished.append((token, path))
+            batch = _Batch(_removal_times(conn, {r.relpath for r in pending
+                                                 if isinstance(r, journal.AccessRecord)}))
+            for rec in pending:
+                batch.add(rec)
             self._apply(conn, batch)
         if not self.readonly and finished:
             for token, path in finished:
@@ -414,11 +438,20 @@ class Ledger:
                WHERE relpath = ?""",
             [(m.item_relpath, m.manifest_size, m.manifest_hash, m.hash_function,
               to_db(m.relpath)) for m in batch.manifests.values()])
+        diskindex.note_accesses(
+            conn, [to_db(r) for r in batch.items],
+            {(batch.items[r][0], uri) for r, uri in batch.uris if r in batch.items})
         if batch.lost:
             conn.execute("""INSERT INTO meta VALUES ('lost_records', ?)
                             ON CONFLICT (key) DO UPDATE SET
                               value = CAST(value AS INTEGER) + excluded.value""",
                          (batch.lost,))
+
+    def row_count(self) -> int:
+        """Rows in ``items``, as the triggers counted them."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'item_rows'").fetchone()
+        return int(row[0]) if row else self.conn.execute("SELECT count(*) FROM items"
+                                                          ).fetchone()[0]
 
     def lost_records(self) -> int:
         """Accesses that processes could not journal (full disk, quota), as they reported."""
@@ -457,12 +490,46 @@ class Ledger:
     def forget(self, relpaths: Iterable[str], removed_at: Optional[float] = None) -> None:
         """Drop rows of removed files; accesses journalled before ``removed_at`` stay history."""
         when = time.time() if removed_at is None else removed_at
-        rows = [(to_db(r),) for r in relpaths]
+        self.forget_removed([(r, when, None) for r in relpaths], keep_newer=False)
+
+    def forget_removed(self, removed: Sequence[Tuple[str, float, Optional[int]]],
+                       keep_newer: bool = True) -> None:
+        """Drop rows of files a clean removed, given as (relpath, removed_at, inode), in one
+        transaction after the unlinks.
+
+        With ``keep_newer``, a row whose last access is after its removal (the file was
+        fetched again meanwhile and that access already folded in) is kept, as is an index
+        row of a different inode (the new file, already indexed).
+        """
+        rows = [(to_db(r), when) for r, when, _ in removed]
         with self._transaction() as conn:
-            for table in ("items", "item_uris", "item_users"):
-                conn.executemany(f"DELETE FROM {table} WHERE relpath = ?", rows)
-            conn.executemany("INSERT OR REPLACE INTO removals VALUES (?, ?)",
-                             [(r, when) for (r,) in rows])
+            if keep_newer:
+                conn.executemany("DELETE FROM items WHERE relpath = ? "
+                                 "AND coalesce(last_access, 0) <= ?", rows)
+            else:
+                conn.executemany("DELETE FROM items WHERE relpath = ?",
+                                 [(r,) for r, _ in rows])
+            for table in ("item_uris", "item_users"):
+                conn.executemany(f"DELETE FROM {table} WHERE relpath = ?1 AND NOT EXISTS "
+                                 "(SELECT 1 FROM items WHERE relpath = ?1)",
+                                 [(r,) for r, _ in rows])
+            conn.executemany("INSERT OR REPLACE INTO removals VALUES (?, ?)", rows)
+            conn.execute("DELETE FROM removals WHERE removed_at < ?",
+                         (time.time() - REMOVALS_KEPT_SECONDS,))
+            diskindex.note_removed(conn, [(to_db(r), ino) for r, _, ino in removed])
+
+
+def _removal_times(conn: sqlite3.Connection, relpaths: Iterable[str]) -> Dict[str, float]:
+    """When each of ``relpaths`` was last removed, if it was: only the paths being folded in,
+    as a clean may have just recorded a hundred thousand removals."""
+    found: Dict[str, float] = {}
+    keys = [to_db(r) for r in relpaths]
+    for start in range(0, len(keys), 500):
+        chunk = keys[start:start + 500]
+        found.update((from_db(r), t) for r, t in conn.execute(
+            f"SELECT relpath, removed_at FROM removals WHERE relpath IN "
+            f"({', '.join('?' * len(chunk))})", chunk))
+    return found
 
 
 @contextmanager

@@ -28,7 +28,7 @@ give the same selection; the other policies break their ties with it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 POLICIES = ("lru", "lfu", "cost")  # orders for the retain-size step; "lru" is the default
 
@@ -183,21 +183,55 @@ def select(candidates: Sequence[Candidate], rules: Rules, now: float) -> Selecti
         seen.add(c.relpath)
     if rules.empty:
         return Selection((), ())
-    ordered = lru_order(candidates, now)
-    matched = ordered if rules.remove_all else [
-        c for c in ordered if _matches_filters(c, rules, now)]
-    if rules.remove_all or rules.retain_size_bytes is None:
-        return Selection(tuple(c for c in matched if not c.in_use),
-                         tuple(c for c in matched if c.in_use))
+    total = sum(c.size_bytes for c in candidates)
+    if rules.policy == "lru" or rules.remove_all or rules.retain_size_bytes is None:
+        return select_in_lru_order(lru_order(candidates, now), total, rules, now)
+    matched = [c for c in lru_order(candidates, now) if _matches_filters(c, rules, now)]
     fallback = rules.fallback_seconds_per_byte
     if rules.policy == "cost" and fallback is None:
         fallback = mean_seconds_per_byte(candidates)  # the whole cache: the most measurements
-    total = sum(c.size_bytes for c in candidates)
+    return Selection(tuple(_until_retained(removal_order(matched, rules.policy, now, fallback),
+                                           total, rules.retain_size_bytes)), ())
+
+
+def select_in_lru_order(ordered: Iterable[Candidate], total_bytes: int, rules: Rules,
+                        now: float) -> Selection:
+    """:func:`select` for candidates already in ``lru`` order (as an index query yields them),
+    reading only as far as the rules need: a 10 % clean of a million files reads 10 %.
+
+    ``total_bytes`` is the size of every candidate; ``rules.policy`` must be ``lru`` unless
+    no size is to be retained.
+    """
+    if rules.empty:
+        return Selection((), ())
+    if not (rules.policy == "lru" or rules.remove_all or rules.retain_size_bytes is None):
+        raise ValueError("select_in_lru_order orders by lru only")
+    matched = ordered if rules.remove_all else _filtered_in_lru_order(ordered, rules, now)
+    if rules.remove_all or rules.retain_size_bytes is None:
+        remove, held = [], []
+        for c in matched:
+            (held if c.in_use else remove).append(c)
+        return Selection(tuple(remove), tuple(held))
+    return Selection(tuple(_until_retained(matched, total_bytes, rules.retain_size_bytes)), ())
+
+
+def _filtered_in_lru_order(ordered: Iterable[Candidate], rules: Rules,
+                           now: float) -> Iterator[Candidate]:
+    for c in ordered:
+        if _matches_filters(c, rules, now):
+            yield c
+        elif (rules.older_than_seconds is not None and c.last_access is not None
+              and max(0.0, now - c.last_access) < rules.older_than_seconds):
+            return  # in lru order, everything after this was used more recently still
+
+
+def _until_retained(ordered: Iterable[Candidate], total: int, retain: int) -> List[Candidate]:
+    """The first of ``ordered`` not in use, until the cache is down to ``retain`` bytes."""
     remove = []
-    for c in removal_order(matched, rules.policy, now, fallback):
-        if total <= rules.retain_size_bytes:
+    for c in ordered:
+        if total <= retain:
             break
         if not c.in_use:
             remove.append(c)
             total -= c.size_bytes
-    return Selection(tuple(remove), ())
+    return remove

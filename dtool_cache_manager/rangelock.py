@@ -53,6 +53,28 @@ class RangeLockFile:
             finally:
                 fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, offset)
 
+    @contextmanager
+    def locked_many(self, keys, exclusive: bool) -> Iterator[None]:
+        """Hold the locks of all ``keys`` at once, taken in offset order so that two
+        processes locking overlapping sets cannot deadlock."""
+        offsets = sorted({key_offset(k) for k in keys})
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        taken = []
+        try:
+            for offset in offsets:
+                thread_lock = self._thread_lock(offset)
+                thread_lock.acquire()
+                try:
+                    fcntl.lockf(self._fd, mode, 1, offset)
+                except BaseException:
+                    thread_lock.release()
+                    raise
+                taken.append((offset, thread_lock))
+            yield
+        finally:
+            for offset, thread_lock in reversed(taken):
+                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, offset)
+                thread_lock.release()
 
 
 _OPEN: Dict[Tuple[int, str], RangeLockFile] = {}

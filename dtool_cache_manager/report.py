@@ -1,30 +1,33 @@
 """Reports: the disk (the truth for sizes) joined with the ledger (history) and the holds.
 
-:func:`inventory` is the one join every command starts from; it also reconciles the ledger
-with the disk, forgetting rows whose files were deleted or moved behind our back.  The rest
-is pure assembly into frozen dataclasses; printing is :mod:`formatting`'s job.
+Every command starts from :func:`indexed`: the disk index brought up to date (see
+:mod:`diskindex`) and ledger rows of files deleted or moved behind our back forgotten.
+``summary``, ``ls --sort accessed`` and LRU cleaning then answer from the index alone, so
+they stay fast at a million files; anything else builds the full :func:`inventory`.  The
+rest is pure assembly into frozen dataclasses; printing is :mod:`formatting`'s job.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sqlite3
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from dtoolcore.utils import sanitise_uri
-
-from .api import open_ledger
+from . import diskindex
+from .api import open_ledger, sanitise_uri
+from .diskindex import IndexedFile
 from .executor import (STALE_PARTIAL_SECONDS, CleanPlan, PlannedRemoval,
                        forget_if_vanished, is_inside)
-from .holds import Holder, holders_in, live_holds
+from .holds import Holder, by_identifier, holders_in, live_holds
 from .layout import MetaPaths
-from .ledger import ItemRow
+from .ledger import ItemRow, Ledger, from_db, to_db
 from .params import BadInput
-from .policies import Candidate, Rules, select
-from .scan import CachedFile, scan_cache
+from .policies import Candidate, Rules, Selection, lru_key, select, select_in_lru_order
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ AGE_BUCKETS = (("last day", DAY), ("last week", 7 * DAY), ("last month", 30 * DA
 class ItemView:
     """One cached file: what the disk says, what the ledger remembers, who holds it."""
 
-    file: CachedFile
+    file: IndexedFile
     row: Optional[ItemRow]  # None: untracked (never seen by a hook)
     uris: Tuple[str, ...]
     holders: Tuple[Holder, ...]
@@ -90,7 +93,7 @@ class ItemView:
 class Inventory:
     cache_dir: str
     items: Tuple[ItemView, ...]
-    partials: Tuple[CachedFile, ...]
+    partials: Tuple[IndexedFile, ...]
     skipped: Tuple[Tuple[str, str], ...]  # (path, why): symlinks, special files, bad rows
     forgotten: int  # ledger rows dropped because their files had vanished
     lost_records: int
@@ -100,40 +103,87 @@ class Inventory:
         return sum(i.size_bytes for i in self.items) + sum(p.size_bytes for p in self.partials)
 
 
-def inventory(cache_dir: str, dataset: Optional[str] = None) -> Inventory:
-    """Everything in ``cache_dir``, optionally only one dataset's items (URI or UUID)."""
-    disk = scan_cache(cache_dir)
-    paths = MetaPaths(cache_dir)
-    on_disk = {f.relpath for f in disk.files}
-    forgotten = 0
-    skipped = list(disk.skipped)
+@dataclass
+class Indexed:
+    """The ledger, its disk index up to date, and what bringing it up to date dropped."""
+
+    ledger: Ledger
+    forgotten: int  # rows of files deleted or moved behind our back
+    dropped: List[Tuple[str, str]]  # (relpath, why) of rows that name no cached item
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        return self.ledger.conn
+
+
+STRAY_ROW = "ledger row names no cached item (outside the cache or our bookkeeping); dropped"
+
+
+@contextmanager
+def indexed(cache_dir: str, full_rescan: bool = False) -> Iterator[Indexed]:
+    """The ledger with its disk index brought up to date and rows of vanished files dropped
+    (forgotten under their gates, never while held).
+
+    Rows the index never saw (written into the ledger by hand, or by a hostile member) show
+    as more rows than tracked files; only then are all rows compared with the index.
+    """
     with open_ledger(cache_dir) as ledger:
-        rows = {row.relpath: row for row in ledger.items()}
-        for relpath, row in list(rows.items()):
+        result = Indexed(ledger, 0, [])
+        conn = ledger.conn
+        refreshed = diskindex.refresh(conn, cache_dir, full=full_rescan)
+        suspects = list(refreshed.vanished)
+        if ledger.row_count() > diskindex.count_tracked(conn):
+            suspects += [from_db(r) for (r,) in conn.execute(
+                "SELECT relpath FROM items AS i WHERE NOT EXISTS "
+                "(SELECT 1 FROM files AS f WHERE f.relpath = i.relpath)")]
+        for relpath in sorted(set(suspects)):
+            row = ledger.item(relpath)
+            if row is None:
+                continue
             if not is_inside(cache_dir, relpath):
-                skipped.append((relpath, "ledger row names no cached item (outside the cache or "
-                                         "our bookkeeping); dropped"))
-                del rows[relpath]
-            if relpath not in on_disk and not ledger.readonly:
-                forgotten += _reconcile(ledger, row)
-        uris = {relpath: tuple(ledger.uris_of(relpath)) for relpath in rows}
+                result.dropped.append((relpath, STRAY_ROW))
+            if not ledger.readonly:
+                result.forgotten += _reconcile(ledger, row)
+        yield result
+
+
+def inventory(cache_dir: str, dataset: Optional[str] = None) -> Inventory:
+    """Everything in ``cache_dir``, optionally only one dataset's items (URI or UUID).
+
+    Builds a view of every file: the general path, for what the index cannot answer alone.
+    """
+    paths = MetaPaths(cache_dir)
+    with indexed(cache_dir) as index:
+        ledger, conn = index.ledger, index.conn
+        files = diskindex.all_files(conn)
+        on_disk = {f.relpath for f in files}
+        rows = {row.relpath: row for row in ledger.items() if row.relpath in on_disk}
+        skipped = [s for d in diskindex.dir_totals(conn) for s in d.skipped] + index.dropped
+        uris: Dict[str, List[str]] = {}
+        for relpath, uri in conn.execute("SELECT relpath, uri FROM item_uris ORDER BY uri"):
+            uris.setdefault(from_db(relpath), []).append(uri)
+        partials = tuple(diskindex.partials(conn))
         lost = ledger.lost_records()
-    holds = live_holds(paths, reap=os.access(paths.holds_dir, os.W_OK))
+    holds = by_identifier(live_holds(paths, reap=os.access(paths.holds_dir, os.W_OK)))
     dir_uuid = {os.path.dirname(r): row.uuid for r, row in rows.items()}
-    items = tuple(ItemView(f, rows.get(f.relpath), uris.get(f.relpath, ()),
-                           _holders(f, rows.get(f.relpath), holds),
-                           dir_uuid.get(os.path.dirname(f.relpath)))
-                  for f in disk.files)
-    partials = disk.partials
+    items = tuple(ItemView(f, rows.get(f.relpath), tuple(uris.get(f.relpath, ())),
+                           _holders(f, holds), dir_uuid.get(os.path.dirname(f.relpath)))
+                  for f in files)
     if dataset is not None:
-        wanted = _normalise_dataset(dataset)
-        items = tuple(i for i in items if i.matches_dataset(wanted))
-        if not items:
-            raise BadInput(f"no cached items of dataset {dataset!r} in {cache_dir} "
-                           "(give its URI or UUID as `dtool cache ls` shows it)")
+        items = _only_dataset(items, dataset, cache_dir)
         dirs = {os.path.dirname(i.relpath) for i in items}
         partials = tuple(p for p in partials if os.path.dirname(p.relpath) in dirs)
-    return Inventory(cache_dir, items, partials, tuple(skipped), forgotten, lost)
+    return Inventory(cache_dir, items, partials, tuple(sorted(skipped)), index.forgotten, lost)
+
+
+def _only_dataset(items: Sequence[ItemView], dataset: str, cache_dir: str
+                  ) -> Tuple[ItemView, ...]:
+    wanted = _normalise_dataset(dataset)
+    chosen = tuple(i for i in items if i.matches_dataset(wanted))
+    if not chosen:
+        raise BadInput(f"no cached items of dataset {dataset!r} in {cache_dir} "
+                       "(give its URI or UUID as `dtool cache ls` shows it)")
+    return chosen
 
 
 def _reconcile(ledger, row: ItemRow) -> int:
@@ -148,11 +198,41 @@ def _normalise_dataset(value: str) -> str:
     return sanitise_uri(value) if "://" in value else value.strip().rstrip("/")
 
 
-def _holders(found: CachedFile, row: Optional[ItemRow], holds) -> Tuple[Holder, ...]:
+def _holders(found: IndexedFile, holds) -> Tuple[Holder, ...]:
     """Holders of a file: by exact item when tracked, by identifier alone when not."""
-    if row is None:
-        return tuple(holders_in(holds, found.identifier))
-    return tuple(holders_in(holds, row.identifier, uuid=row.uuid, relpath=found.relpath))
+    if found.identifier is None:
+        return ()
+    held = holds.get(found.identifier)
+    if not held:
+        return ()
+    if found.uuid is None:
+        return tuple(holders_in(held, found.identifier))
+    return tuple(holders_in(held, found.identifier, uuid=found.uuid, relpath=found.relpath))
+
+
+def _held_files(conn, holds) -> Dict[str, Tuple[IndexedFile, Tuple[Holder, ...]]]:
+    """Files on disk that live processes hold, found through the index by identifier."""
+    found = {}
+    for f in diskindex.files_with_identifiers(conn, holds):
+        holders = _holders(f, holds)
+        if holders:
+            found[f.relpath] = (f, holders)
+    return found
+
+
+def _views(ledger: Ledger, files: Sequence[IndexedFile], holds) -> List[ItemView]:
+    """Item views of a few files (a page of ``ls``), read row by row."""
+    views = []
+    for f in files:
+        row = ledger.item(f.relpath)
+        neighbour = None
+        if row is None:
+            d = ledger.conn.execute("SELECT dataset FROM dirs WHERE relpath = ?",
+                                    (to_db(os.path.dirname(f.relpath)),)).fetchone()
+            neighbour = d[0] if d and d[0] not in (None, "*") else None
+        views.append(ItemView(f, row, tuple(ledger.uris_of(f.relpath)) if row else (),
+                              _holders(f, holds), neighbour))
+    return views
 
 
 # -- summary ---------------------------------------------------------------------------
@@ -196,45 +276,51 @@ class Summary:
     lost_records: int  # accesses processes could not journal (full disk)
 
 
-def summarize(cache_dir: str, now: Optional[float] = None) -> Summary:
-    inv = inventory(cache_dir)
+def summarize(cache_dir: str, now: Optional[float] = None, full_rescan: bool = False) -> Summary:
+    """From the disk index's per-directory totals: no walk, no per-file work."""
     now = time.time() if now is None else now
-    groups: Dict[str, list] = {}
+    paths = MetaPaths(cache_dir)
+    with indexed(cache_dir, full_rescan) as index:
+        ledger, conn = index.ledger, index.conn
+        dirs = diskindex.dir_totals(conn)
+        groups = diskindex.dataset_groups(conn, dirs)
+        uris = diskindex.uris_of_datasets(conn)
+        recent = [diskindex.count_accessed_since(conn, now - limit) for _, limit in AGE_BUCKETS]
+        holds = by_identifier(live_holds(paths, reap=os.access(paths.holds_dir, os.W_OK)))
+        held = _held_files(conn, holds)
+        lost = ledger.lost_records()
+    num_items = sum(d.num_files for d in dirs)
+    num_untracked = sum(d.num_untracked for d in dirs)
+    ages = {name: n - previous
+            for (name, _), n, previous in zip(AGE_BUCKETS, recent, [0] + recent[:-1])}
+    ages["older"] = num_items - num_untracked - recent[-1]
+    ages["never tracked"] = num_untracked
     holders: Dict[Holder, List[int]] = {}
-    ages = {name: 0 for name, _ in AGE_BUCKETS}
-    ages.update({"older": 0, "never tracked": 0})
-    for item in inv.items:
-        group = groups.setdefault(item.dataset_key, [set(), 0, 0, None])
-        group[0].update(item.uris)
-        group[1] += 1
-        group[2] += item.size_bytes
-        if item.last_access and (group[3] is None or item.last_access > group[3]):
-            group[3] = item.last_access
-        ages[_age_bucket(item.last_access, now)] += 1
-        for holder in item.holders:
+    for f, who in held.values():
+        for holder in who:
             tally = holders.setdefault(holder, [0, 0])
             tally[0] += 1
-            tally[1] += item.size_bytes
+            tally[1] += f.size_bytes
     datasets = tuple(sorted(
-        (DatasetSummary(key, tuple(sorted(g[0])), g[1], g[2], g[3]) for key, g in groups.items()),
+        (DatasetSummary(key, tuple(uris.get(key, ())), n, nbytes, last)
+         for key, (n, nbytes, last) in groups.items()),
         key=lambda d: (-d.size_bytes, d.key)))
-    untracked = [i for i in inv.items if i.row is None]
     return Summary(
         cache_directory=cache_dir,
-        total_size_bytes=inv.total_size_bytes,
-        num_items=len(inv.items),
+        total_size_bytes=sum(d.file_bytes + d.partial_bytes for d in dirs),
+        num_items=num_items,
         num_datasets=len(datasets),
-        num_in_use=sum(1 for i in inv.items if i.holders),
-        num_untracked=len(untracked),
-        untracked_size_bytes=sum(i.size_bytes for i in untracked),
-        num_partial=len(inv.partials),
-        partial_size_bytes=sum(p.size_bytes for p in inv.partials),
+        num_in_use=len(held),
+        num_untracked=num_untracked,
+        untracked_size_bytes=sum(d.untracked_bytes for d in dirs),
+        num_partial=sum(d.num_partial for d in dirs),
+        partial_size_bytes=sum(d.partial_bytes for d in dirs),
         age_distribution=ages,
         in_use_by=tuple(HolderSummary(h.user_at_host, h.pid, n, size)
                         for h, (n, size) in sorted(holders.items(),
                                                    key=lambda kv: (kv[0].user, kv[0].pid))),
         datasets=datasets,
-        lost_records=inv.lost_records,
+        lost_records=lost,
     )
 
 
@@ -276,6 +362,28 @@ def list_items(inv: Inventory, sort: str = "accessed", limit: Optional[int] = No
     return items if limit is None else items[:limit]
 
 
+def list_cached(cache_dir: str, sort: str = "accessed", limit: Optional[int] = None,
+                in_use: bool = False, untracked: bool = False,
+                dataset: Optional[str] = None) -> Sequence[ItemView]:
+    """``dtool cache ls``: by last access from the index's order, in-use items from the
+    holds; any other listing builds the whole :func:`inventory`."""
+    key, descending = parse_sort(sort)
+    if dataset is not None or (key != "accessed" and not in_use):
+        return list_items(inventory(cache_dir, dataset), sort, limit, in_use, untracked)
+    paths = MetaPaths(cache_dir)
+    holds = by_identifier(live_holds(paths, reap=os.access(paths.holds_dir, os.W_OK)))
+    with indexed(cache_dir) as index:
+        if in_use:
+            files = [f for f, _ in _held_files(index.conn, holds).values()
+                     if not untracked or f.uuid is None]
+        else:
+            files = list(itertools.islice(
+                diskindex.by_last_access(index.conn, descending, untracked), limit))
+        views = _views(index.ledger, files, holds)
+    views.sort(key=SORT_KEYS[key][0], reverse=descending)
+    return views if limit is None else views[:limit]
+
+
 # -- clean -----------------------------------------------------------------------------
 
 
@@ -283,17 +391,63 @@ def plan_clean(inv: Inventory, rules: Rules, now: Optional[float] = None) -> Cle
     """Which files a clean removes (see :mod:`policies`), and leftover partial downloads."""
     now = time.time() if now is None else now
     by_relpath = {item.relpath: item for item in inv.items}
-    candidates = [Candidate(relpath=i.relpath, size_bytes=i.size_bytes,
-                            last_access=i.last_use_estimate, access_count=i.access_count,
-                            in_use=bool(i.holders),
-                            fetch_seconds=i.row.fetch_seconds if i.row else 0.0,
-                            misses=i.row.misses if i.row else 0)
-                  for i in inv.items]
-    selection = select(candidates, rules, now)
-    removals = tuple(PlannedRemoval(c.relpath, c.size_bytes, by_relpath[c.relpath].row)
-                     for c in selection.remove)
+    selection = select([_candidate(i.file, bool(i.holders), i.row) for i in inv.items],
+                       rules, now)
     skipped = tuple((c.relpath, by_relpath[c.relpath].holders)
                     for c in selection.skipped_in_use)
-    stale = tuple(PlannedRemoval(p.relpath, p.size_bytes, None) for p in inv.partials
+    files = {relpath: item.file for relpath, item in by_relpath.items()}
+    return _plan(inv.cache_dir, selection, files, skipped, inv.partials, inv.skipped, now)
+
+
+def plan(cache_dir: str, rules: Rules, dataset: Optional[str] = None,
+         now: Optional[float] = None) -> CleanPlan:
+    """:func:`plan_clean` for ``dtool cache clean``: the ``lru`` order is read from the
+    index, only as far as the rules need; other policies and ``--dataset`` need every row."""
+    if dataset is not None or not (rules.policy == "lru" or rules.remove_all
+                                   or rules.retain_size_bytes is None):
+        return plan_clean(inventory(cache_dir, dataset), rules, now)
+    now = time.time() if now is None else now
+    paths = MetaPaths(cache_dir)
+    holds = by_identifier(live_holds(paths, reap=os.access(paths.holds_dir, os.W_OK)))
+    with indexed(cache_dir) as index:
+        conn = index.conn
+        dirs = diskindex.dir_totals(conn)
+        held = _held_files(conn, holds)
+        read: Dict[str, IndexedFile] = {}  # the files the selection read, to plan with
+
+        def stream() -> Iterator[Candidate]:
+            for f in diskindex.by_last_use(conn):
+                read[f.relpath] = f
+                yield _candidate(f, f.relpath in held)
+
+        selection = select_in_lru_order(_lru_groups(stream(), now),
+                                        sum(d.file_bytes for d in dirs), rules, now)
+        partials = diskindex.partials(conn)
+    skipped = tuple((c.relpath, held[c.relpath][1]) for c in selection.skipped_in_use)
+    return _plan(cache_dir, selection, read, skipped, partials,
+                 tuple(sorted([s for d in dirs for s in d.skipped] + index.dropped)), now)
+
+
+def _candidate(f: IndexedFile, in_use: bool, row: Optional[ItemRow] = None) -> Candidate:
+    """A file as the policies see it; untracked files are as old as their atime or mtime."""
+    last_use = f.last_access if f.last_access else max(f.atime, f.mtime)
+    return Candidate(relpath=f.relpath, size_bytes=f.size_bytes, last_access=last_use,
+                     access_count=f.access_count, in_use=in_use,
+                     fetch_seconds=row.fetch_seconds if row else 0.0,
+                     misses=row.misses if row else 0)
+
+
+def _lru_groups(stream: Iterable[Candidate], now: float) -> Iterator[Candidate]:
+    """The index orders by last use alone; put each run of equal keys in full ``lru`` order
+    (larger first, then by path), as :func:`policies.lru_key` does."""
+    for _, group in itertools.groupby(stream, key=lambda c: min(c.last_access, now)):
+        yield from sorted(group, key=lambda c: lru_key(c, now))
+
+
+def _plan(cache_dir: str, selection: Selection, files: Dict[str, IndexedFile], skipped,
+          partials, skipped_entries, now: float) -> CleanPlan:
+    removals = tuple(PlannedRemoval(c.relpath, c.size_bytes, files[c.relpath].identifier,
+                                    files[c.relpath].uuid) for c in selection.remove)
+    stale = tuple(PlannedRemoval(p.relpath, p.size_bytes, None, None) for p in partials
                   if now - p.mtime >= STALE_PARTIAL_SECONDS)
-    return CleanPlan(MetaPaths(inv.cache_dir), removals, skipped, stale, inv.skipped)
+    return CleanPlan(MetaPaths(cache_dir), removals, skipped, stale, tuple(skipped_entries))

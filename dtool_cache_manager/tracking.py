@@ -1,7 +1,8 @@
 """Our own hook implementations, registered through the spec's entry-point groups.
 
 ``pre_item_content_abspath`` takes the in-use hold (before the broker can fetch, so a
-cleaner cannot slip in); ``post_item_content_abspath`` journals the access.  Both are per
+cleaner cannot slip in); ``post_item_content_abspath`` journals the access and, after a
+miss, lets :mod:`housekeeping` decide whether to start a background clean.  Both are per
 process and per cache directory, and neither opens the ledger: see ``docs/design.rst``.
 """
 
@@ -158,6 +159,19 @@ def post_item_content_abspath(uri, identifier, abspath):
                                       access.mtime, access.fetch_seconds)
     except Exception as exc:  # noqa: BLE001
         _warn("could not record the access", exc)
+        return
+    if access.miss:  # only a miss can grow the cache: hits stay as cheap as they were
+        _after_miss(access.placement.cache_dir, access.size)
+
+
+def _after_miss(cache_dir: str, size_bytes: int) -> None:
+    """Automatic housekeeping (imported on the first miss, not at start-up); fail-open."""
+    try:
+        from .housekeeping import after_miss
+
+        after_miss(cache_dir, size_bytes)
+    except Exception as exc:  # noqa: BLE001
+        _warn("automatic housekeeping failed", exc)
 
 
 pre_item_content_abspath.guards_itself = True

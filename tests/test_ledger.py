@@ -126,3 +126,21 @@ def test_ledger_rows_are_plain_sql(tmp_path):
     rows = sqlite3.connect(paths.ledger).execute(
         "SELECT relpath, uuid, scheme, hits, misses FROM items").fetchall()
     assert rows == [("u/a", "u", "s3", 0, 1)]
+
+
+def test_a_new_ledger_is_a_file_whose_row_count_the_triggers_keep(tmp_path):
+    """A schema that fails to build would only show as a read-only in-memory view in the
+    commands (they fall back so that users still get figures); here it must fail."""
+    paths = MetaPaths(str(tmp_path))
+    writer = _writer(paths)
+    now = time.time()
+    for name in ("u/a", "u/b", "u/c"):
+        _access(writer, name, now - 3, miss=True)
+    with Ledger(paths) as led:
+        assert not led.readonly and os.path.isfile(paths.ledger)
+        led.compact()
+        assert led.row_count() == 3
+        led.forget(["u/b"])
+        led.forget_removed([("u/c", now - 10, None)])  # accessed after this removal: kept
+        counted = led.conn.execute("SELECT count(*) FROM items").fetchone()[0]
+        assert led.row_count() == counted == 2

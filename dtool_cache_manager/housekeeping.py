@@ -1,0 +1,583 @@
+"""Automatic housekeeping: keep the cache under its limits with a detached background clean.
+
+The post hook calls :func:`after_miss` on every cache miss (hits never pay for this).  It
+decides from cached settings and one ``stat`` whether a clean is due, takes
+``autoclean.lock`` without blocking, and starts ``python -m dtool_cache_manager.housekeeping``
+in a new session, handing it the locked descriptor; the access then returns at once.  The
+child measures the cache, cleans through the same plan and executor as ``dtool cache clean``
+(so holds are respected), records the run, and exits, which releases the lock.
+
+The size the hook compares with the limit is an estimate: the size the last run measured
+plus what *this* process fetched since that run started.  Other processes' fetches are only
+seen at the next measurement: when some process's estimate passes the limit, or at least
+once a day while misses occur.  See ``docs/housekeeping.rst``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import fcntl
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Deque, Dict, List, Optional, Sequence, Tuple
+
+from . import settings as settings_mod
+from .layout import DISABLE_ENV, MetaPaths, current_identity, ensure_dir, share_file
+from .settings import HousekeepingSettings, SettingsError
+
+logger = logging.getLogger(__name__)
+
+LOW_WATER = 0.9  # an over-size cache is cleaned down to 90% of the limit, as ccache does
+LOG_MAX_BYTES = 256 * 1024  # past this, the oldest half of autoclean.log is dropped
+RECORD_VERSION = 1
+CHILD_MODULE = "dtool_cache_manager.housekeeping"
+
+# Why a run started: the size estimate passed the limit, a maximum age is set, nothing has
+# been measured yet (or the last run failed), the last measurement is too old to trust, or
+# someone ran it by hand.
+SIZE, AGE, UNMEASURED, STALE, MANUAL = "size", "age", "unmeasured", "stale", "manual"
+REMEASURE_SECONDS = 86400.0  # measure at least daily (while misses occur): see due()
+
+
+@dataclass(frozen=True)
+class Files:
+    """Housekeeping's files in one cache's bookkeeping directory."""
+
+    meta: MetaPaths
+
+    @property
+    def cache_dir(self) -> str:
+        return self.meta.cache_dir
+
+    @property
+    def lock(self) -> str:
+        """flock'ed exclusively by the one run in progress (held by the child process)."""
+        return os.path.join(self.meta.meta_dir, "autoclean.lock")
+
+    @property
+    def log(self) -> str:
+        """One JSON line per run, newest last."""
+        return os.path.join(self.meta.meta_dir, "autoclean.log")
+
+    @property
+    def state(self) -> str:
+        """The last run's record, replaced atomically; what the hook reads."""
+        return os.path.join(self.meta.meta_dir, "autoclean.json")
+
+
+def files_of(cache_dir: str) -> Files:
+    return Files(MetaPaths(cache_dir))
+
+
+# -- the record of one run -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One automatic clean, as logged.  Plain JSON: any group member can write these files,
+    so they are parsed with type checks and never unpickled."""
+
+    start: float  # unix time; the size was measured just after it
+    end: float
+    pid: int  # the process that cleaned
+    user: str  # user@host of that process
+    trigger: str  # SIZE, AGE, UNMEASURED, STALE or MANUAL
+    triggered_by: Optional[int]  # pid whose cache miss started it; None when run by hand
+    max_size_bytes: Optional[int]
+    max_age_seconds: Optional[float]
+    target_size_bytes: Optional[int]  # LOW_WATER of the limit; None without a size limit
+    size_before_bytes: Optional[int]  # None if the run failed before measuring
+    size_after_bytes: Optional[int]  # measured size minus what the run freed
+    removed: int
+    freed_bytes: int
+    skipped_in_use: int  # files the rules chose but a live process held
+    error: Optional[str]  # None: the run succeeded
+    warnings: Tuple[str, ...] = ()
+    version: int = RECORD_VERSION
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["warnings"] = list(self.warnings)
+        return data
+
+    @classmethod
+    def from_json(cls, data: object) -> Optional["RunRecord"]:
+        """The record in ``data``, or None if any field is missing or of the wrong type."""
+        if not isinstance(data, dict):
+            return None
+        values = {}
+        for f in fields(cls):
+            value = data.get(f.name)
+            if f.name == "warnings":
+                if not isinstance(value, list) or not all(isinstance(w, str) for w in value):
+                    return None
+                value = tuple(value)
+            elif not _has_type(value, _FIELD_TYPES[f.name]):
+                return None
+            values[f.name] = value
+        return cls(**values)
+
+
+_NUMBER, _INT, _STR = "number", "int", "str"
+_FIELD_TYPES = {
+    "start": (_NUMBER,), "end": (_NUMBER,), "pid": (_INT,), "user": (_STR,),
+    "trigger": (_STR,), "triggered_by": (_INT, None), "max_size_bytes": (_INT, None),
+    "max_age_seconds": (_NUMBER, None), "target_size_bytes": (_INT, None),
+    "size_before_bytes": (_INT, None), "size_after_bytes": (_INT, None), "removed": (_INT,),
+    "freed_bytes": (_INT,), "skipped_in_use": (_INT,), "error": (_STR, None),
+    "version": (_INT,),
+}
+
+
+def _has_type(value: object, kinds: Tuple[Optional[str], ...]) -> bool:
+    if value is None:
+        return None in kinds
+    if isinstance(value, bool):
+        return False
+    if _INT in kinds and isinstance(value, int):
+        return True
+    if _NUMBER in kinds and isinstance(value, (int, float)):
+        return math.isfinite(value)
+    return _STR in kinds and isinstance(value, str)
+
+
+def read_last_run(files: Files) -> Optional[RunRecord]:
+    """The last run's record, or None if there is none (or it cannot be read)."""
+    try:
+        with open(files.state, "rb") as fh:
+            data = fh.read(64 * 1024)
+        return RunRecord.from_json(json.loads(data))
+    except (OSError, ValueError):
+        return None
+
+
+# -- the decision (pure) ---------------------------------------------------------------
+
+
+def due(settings: HousekeepingSettings, last: Optional[RunRecord], fetched_since: int,
+        now: float) -> Optional[str]:
+    """Why an automatic clean should start now, or None: a limit is set, no run started
+    within the interval, and the size estimate is over the limit, or a maximum age is set,
+    or nothing has been measured yet, or the last measurement is over a day old (the
+    estimate misses other processes' fetches, which many small fetchers could add up).
+    A last run in the future (clock skew) does not block."""
+    if not settings.limits_set:
+        return None
+    elapsed = None if last is None else now - last.start
+    if elapsed is not None and 0 <= elapsed < settings.interval_seconds:
+        return None
+    if last is None or last.size_after_bytes is None:
+        return UNMEASURED
+    if settings.max_size_bytes is not None and \
+            last.size_after_bytes + fetched_since > settings.max_size_bytes:
+        return SIZE
+    if settings.max_age_seconds is not None:
+        return AGE
+    if not 0 <= elapsed < REMEASURE_SECONDS:
+        return STALE
+    return None
+
+
+def target_size(max_size_bytes: int) -> int:
+    """What an over-size cache is cleaned down to: the low-water mark, so that a cache that
+    keeps growing is not cleaned again at the very next interval."""
+    return int(max_size_bytes * LOW_WATER)
+
+
+# -- the hook side (in the user's process) ---------------------------------------------
+
+
+class _Tally:
+    """What this process knows about one cache: its own fetches since the last run it has
+    seen, and when it last started a run."""
+
+    MAX_BUCKETS = 4096
+
+    def __init__(self) -> None:
+        self.fetches: Deque[List[float]] = collections.deque()  # [second, bytes], oldest first
+        self.fetched_bytes = 0
+        self.last_spawn = -math.inf
+        self.state_key: Optional[Tuple[int, int, int]] = None
+        self.last_run: Optional[RunRecord] = None
+
+    def add(self, when: float, size_bytes: int) -> None:
+        second = math.floor(when)
+        if self.fetches and self.fetches[-1][0] == second:
+            self.fetches[-1][1] += size_bytes
+        else:
+            self.fetches.append([second, size_bytes])
+            if len(self.fetches) > self.MAX_BUCKETS:  # merge the two oldest: counts them as
+                oldest = self.fetches.popleft()       # newer, so never underestimates
+                self.fetches[0][1] += oldest[1]
+        self.fetched_bytes += size_bytes
+
+    def observe(self, files: Files, force: bool = False) -> Optional[RunRecord]:
+        """The last run; the state file is read again only when its stat changes."""
+        key = _stat_key(files.state)
+        if force or key != self.state_key:
+            self.state_key = key
+            self.last_run = read_last_run(files) if key is not None else None
+            if self.last_run is not None:
+                self._forget_before(self.last_run.start)
+        return self.last_run
+
+    def _forget_before(self, start: float) -> None:
+        # A fetch in the second the run started may or may not have been measured: keep it.
+        while self.fetches and self.fetches[0][0] < math.floor(start):
+            self.fetched_bytes -= self.fetches.popleft()[1]
+
+
+_tallies: Dict[str, _Tally] = {}
+_children: List[subprocess.Popen] = []
+_settings_cache: Optional[Tuple[tuple, object]] = None  # (fingerprint, settings or error)
+_warned: set = set()
+
+
+def after_miss(cache_dir: str, size_bytes: int) -> None:
+    """Called by the post hook after a cache miss; may start a background clean.
+
+    Never raises and never waits: the user's access comes first.
+    """
+    try:
+        settings = _hook_settings()
+        if settings is None or not settings.limits_set:
+            return
+        _reap_children()
+        now = time.time()
+        tally = _tallies.get(cache_dir) or _tallies.setdefault(cache_dir, _Tally())
+        tally.add(now, size_bytes)
+        if now - tally.last_spawn < settings.interval_seconds:
+            return  # this process started one within the interval: not even a stat
+        files = files_of(cache_dir)
+        reason = due(settings, tally.observe(files), tally.fetched_bytes, now)
+        if reason is not None:
+            _start_background(files, settings, tally, now)
+    except Exception as exc:  # noqa: BLE001
+        _warn_once(f"automatic housekeeping failed ({exc!r}); item access continues")
+
+
+def _hook_settings() -> Optional[HousekeepingSettings]:
+    """The settings, parsed again only when the environment or the config file changed; a
+    malformed value switches housekeeping off with one warning per process."""
+    global _settings_cache
+    path = settings_mod.config_path()
+    fingerprint = (path, _stat_key(path), tuple(os.environ.get(k) for k in settings_mod.KEYS))
+    cached = _settings_cache
+    if cached is None or cached[0] != fingerprint:
+        try:
+            result: object = settings_mod.load(path=path)
+        except SettingsError as exc:
+            result = exc
+        cached = _settings_cache = (fingerprint, result)
+    if isinstance(cached[1], SettingsError):
+        _warn_once(f"automatic housekeeping is off: {cached[1]}")
+        return None
+    return cached[1]  # type: ignore[return-value]
+
+
+def _start_background(files: Files, settings: HousekeepingSettings, tally: _Tally,
+                      now: float) -> None:
+    fd = try_lock(files)
+    if fd is None:
+        return  # a run is in progress
+    try:
+        # Another process may have finished a run between our look and the lock.
+        reason = due(settings, tally.observe(files, force=True), tally.fetched_bytes, now)
+        if reason is None:
+            return
+        tally.last_spawn = now  # also when spawning fails: do not retry at every miss
+        env = dict(os.environ)
+        env[DISABLE_ENV] = "1"
+        child = subprocess.Popen(
+            [sys.executable, "-m", CHILD_MODULE, "--cache-dir", files.cache_dir,
+             "--trigger", reason, "--triggered-by", str(os.getpid()), "--lock-fd", str(fd)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            pass_fds=(fd,), start_new_session=True, env=env,
+            cwd=os.sep)  # not the user's directory: `-m` puts it first on sys.path
+        _children.append(child)  # reaped without waiting at a later miss (no zombies pile up)
+    finally:
+        os.close(fd)  # the child's copy keeps the lock
+
+
+def _reap_children() -> None:
+    if _children:
+        _children[:] = [child for child in _children if child.poll() is None]
+
+
+def _stat_key(path: str) -> Optional[Tuple[int, int, int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning("dtool-cache-manager: %s", message)
+
+
+def _forget_after_fork() -> None:
+    # A forked child has fetched nothing yet and started no run.
+    _tallies.clear()
+    _children.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+# -- the lock --------------------------------------------------------------------------
+
+
+def try_lock(files: Files) -> Optional[int]:
+    """A descriptor holding ``autoclean.lock`` exclusively, or None if a run holds it."""
+    flags = os.O_CREAT | os.O_CLOEXEC
+    try:
+        fd = os.open(files.lock, flags | os.O_RDWR, 0o666)
+    except PermissionError:  # another member's file in a shared cache: flock needs only read
+        fd = os.open(files.lock, flags | os.O_RDONLY)
+    try:
+        share_file(fd, files.meta.shared)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def is_running(files: Files) -> bool:
+    """True while a run holds the lock.  Creates nothing."""
+    try:
+        fd = os.open(files.lock, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:  # e.g. no locks on this file system: we cannot tell, so say no
+        return False
+    finally:
+        os.close(fd)  # closing drops our test lock too
+
+
+# -- one run (in the child, or in the foreground for `dtool cache autoclean`) -----------
+
+
+class Busy(RuntimeError):
+    """Another automatic clean holds the lock."""
+
+
+def run_now(cache_dir: str, settings: Optional[HousekeepingSettings] = None) -> RunRecord:
+    """Run one automatic clean in this process, under the lock; :class:`Busy` if another
+    one is running.  ``dtool cache autoclean`` uses this."""
+    files = files_of(cache_dir)
+    ensure_dir(files.meta.meta_dir, files.meta.shared)
+    fd = try_lock(files)
+    if fd is None:
+        raise Busy(f"an automatic clean of {cache_dir} is already running "
+                   f"(it holds {files.lock})")
+    try:
+        return run_clean(cache_dir, MANUAL, settings=settings)
+    finally:
+        os.close(fd)
+
+
+def run_clean(cache_dir: str, trigger: str, triggered_by: Optional[int] = None,
+              settings: Optional[HousekeepingSettings] = None) -> RunRecord:
+    """Measure, clean if over a limit, and record the run.  The caller holds the lock.
+
+    Every failure ends up in the record (and so in the log), never raised.
+    """
+    files = files_of(cache_dir)
+    start = time.time()
+    identity = current_identity()
+    outcome, error = _Outcome(), None
+    with _CapturedWarnings() as captured:
+        try:
+            settings = settings or settings_mod.load()
+            _measure_and_clean(cache_dir, settings, outcome)
+        except Exception as exc:  # noqa: BLE001 - recorded, not lost
+            error = f"{type(exc).__name__}: {exc}"
+    record = RunRecord(
+        start=start, end=time.time(), pid=identity.pid, user=identity.user_at_host,
+        trigger=trigger, triggered_by=triggered_by,
+        max_size_bytes=settings.max_size_bytes if settings else None,
+        max_age_seconds=settings.max_age_seconds if settings else None,
+        target_size_bytes=outcome.target, size_before_bytes=outcome.size_before,
+        size_after_bytes=outcome.size_after, removed=outcome.removed,
+        freed_bytes=outcome.freed, skipped_in_use=outcome.skipped_in_use, error=error,
+        warnings=tuple(captured.messages))
+    _save(files, record)
+    return record
+
+
+@dataclass
+class _Outcome:
+    size_before: Optional[int] = None
+    size_after: Optional[int] = None
+    target: Optional[int] = None
+    removed: int = 0
+    freed: int = 0
+    skipped_in_use: int = 0
+
+
+def _measure_and_clean(cache_dir: str, settings: HousekeepingSettings,
+                       outcome: _Outcome) -> None:
+    """Expire what is older than the maximum age, then, if still over the size limit, remove
+    the least recently used down to the low-water mark.  The two limits are independent:
+    either may remove a file (one Rules with both would AND them).  ``outcome`` is filled
+    as it goes, so a failure half-way still records what was done."""
+    from . import report
+    from .policies import Rules
+
+    outcome.size_before = outcome.size_after = report.summarize(cache_dir).total_size_bytes
+    if settings.max_age_seconds is not None:
+        _clean(cache_dir, Rules(older_than_seconds=settings.max_age_seconds), outcome)
+    if settings.max_size_bytes is not None:
+        outcome.target = target_size(settings.max_size_bytes)
+        if outcome.size_after > settings.max_size_bytes:
+            _clean(cache_dir, Rules(retain_size_bytes=outcome.target), outcome)
+
+
+def _clean(cache_dir: str, rules, outcome: _Outcome) -> None:
+    """One pass through the path ``dtool cache clean`` takes: plan, then execute."""
+    from . import report
+    from .api import open_ledger
+
+    plan = report.plan(cache_dir, rules, now=time.time())
+    with open_ledger(cache_dir) as ledger:
+        result = plan.execute(ledger)
+    outcome.removed += len(result.removed)
+    outcome.freed += result.freed_bytes
+    outcome.skipped_in_use += sum(1 for o in result.skipped if o.holders)
+    outcome.size_after -= result.freed_bytes
+
+
+class _CapturedWarnings(logging.Handler):
+    """Our loggers' warnings during a run, kept for the record (the child has no stderr)."""
+
+    LIMIT = 20
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: List[str] = []
+        self._logger = logging.getLogger("dtool_cache_manager")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.messages) < self.LIMIT:
+            self.messages.append(record.getMessage())
+
+    def __enter__(self) -> "_CapturedWarnings":
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._logger.removeHandler(self)
+
+
+def _save(files: Files, record: RunRecord) -> None:
+    """Append to the log, then replace the state file.  Both are written under the lock, so
+    nobody else writes them meanwhile."""
+    line = (json.dumps(record.to_json(), sort_keys=True) + "\n").encode()
+    for write in (_append_log, _write_state):
+        try:
+            write(files, line)
+        except OSError as exc:
+            logger.warning("dtool-cache-manager: could not record the automatic clean in %s "
+                           "(%s)", files.meta.meta_dir, exc)
+
+
+def _append_log(files: Files, line: bytes) -> None:
+    fd = os.open(files.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        share_file(fd, files.meta.shared)
+        os.write(fd, line)
+        too_big = os.fstat(fd).st_size > LOG_MAX_BYTES
+    finally:
+        os.close(fd)
+    if too_big:
+        with open(files.log, "rb") as fh:
+            lines = fh.read().splitlines(keepends=True)
+        _replace(files, files.log, b"".join(lines[len(lines) // 2:]))
+
+
+def _write_state(files: Files, line: bytes) -> None:
+    _replace(files, files.state, line)
+
+
+def _replace(files: Files, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: readers see the old file or the new one."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        share_file(fd, files.meta.shared)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+# -- status ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AutocleanStatus:
+    """What ``dtool cache summary`` shows about housekeeping."""
+
+    settings: Optional[HousekeepingSettings]  # None when a setting is malformed
+    settings_error: Optional[str]
+    last_run: Optional[RunRecord]
+    running: bool
+    log_path: str = ""
+
+
+def status(cache_dir: str) -> AutocleanStatus:
+    """The settings in effect, the last run and whether one is running.  Creates nothing."""
+    files = files_of(cache_dir)
+    try:
+        settings, error = settings_mod.load(), None
+    except SettingsError as exc:
+        settings, error = None, str(exc)
+    return AutocleanStatus(settings, error, read_last_run(files), is_running(files), files.log)
+
+
+# -- the detached child ----------------------------------------------------------------
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m dtool_cache_manager.housekeeping``: one run.  Started by the hook with the
+    lock already held (``--lock-fd``); by hand, it takes the lock itself."""
+    parser = argparse.ArgumentParser(prog=f"python -m {CHILD_MODULE}")
+    parser.add_argument("--cache-dir", required=True)
+    parser.add_argument("--trigger", default=MANUAL)
+    parser.add_argument("--triggered-by", type=int, default=None)
+    parser.add_argument("--lock-fd", type=int, default=None,
+                        help="inherited descriptor that already holds autoclean.lock")
+    args = parser.parse_args(argv)
+    cache_dir = os.path.abspath(args.cache_dir)
+    if args.lock_fd is None:
+        try:
+            record = run_now(cache_dir)
+        except Busy:
+            return 0
+    else:
+        fcntl.flock(args.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours already: a no-op check
+        record = run_clean(cache_dir, args.trigger, args.triggered_by)
+    return 0 if record.error is None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

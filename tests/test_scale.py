@@ -1,0 +1,167 @@
+"""The disk index stays exact: 20,000 items built as ``benchmarks/scale.py`` builds a million.
+
+Speed is the benchmark's business; here every figure the fast paths report (summary from
+per-directory totals, ``ls`` from the last-access index, LRU cleaning from the last-use
+index) is compared with an independent walk of the disk and with the general path that
+builds every item's view, before and after files appear, vanish and are replaced behind
+our back.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dtool_cache_manager import diskindex, report
+from dtool_cache_manager.ledger import Ledger
+from dtool_cache_manager.layout import MetaPaths
+from dtool_cache_manager.policies import Rules
+from support import VENV_BIN, disk_files
+
+N_ITEMS, N_DIRS = 20_000, 40
+_SCALE = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "scale.py")
+
+
+def _scale_module():
+    spec = importlib.util.spec_from_file_location("scale_benchmark", _SCALE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("scale") / "cache")
+    items = _scale_module().build_cache(cache, N_ITEMS, N_DIRS, untracked_share=0.1)
+    return cache, {i.relpath: i for i in items}
+
+
+def cli(cache, *args):
+    env = dict(os.environ, DTOOL_CACHE_DIRECTORY=cache)
+    proc = subprocess.run([os.path.join(VENV_BIN, "dtool-cache"), *args, "--json"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def du_files_bytes(cache):
+    """``du -sb``'s apparent size of the tree minus what is not a file: directories' own
+    sizes and symbolic links' (which the cache never follows or counts)."""
+    out = subprocess.run(["du", "-sb", "--exclude=.dtool-cache-manager", cache],
+                         capture_output=True, text=True, check=True).stdout
+    not_files = 0
+    for root, dirs, files in os.walk(cache):
+        dirs[:] = [d for d in dirs if d != ".dtool-cache-manager"]
+        not_files += os.lstat(root).st_size
+        not_files += sum(os.lstat(os.path.join(root, f)).st_size for f in files
+                         if os.path.islink(os.path.join(root, f)))
+    return int(out.split()[0]) - not_files
+
+
+def assert_summary_matches_disk(cache, built_items):
+    disk = disk_files(cache, partials=False)
+    partial = {r: s for r, s in disk_files(cache).items() if r not in disk}
+    summary = cli(cache, "summary")
+    assert summary["total_size_bytes"] == sum(disk.values()) + sum(partial.values())
+    assert summary["total_size_bytes"] == du_files_bytes(cache)
+    assert summary["num_items"] == len(disk)
+    assert summary["num_partial"] == len(partial)
+    tracked = {r for r in disk if built_items.get(r) and built_items[r].last_access}
+    assert summary["num_untracked"] == len(disk) - len(tracked)
+    assert summary["untracked_size_bytes"] == sum(s for r, s in disk.items() if r not in tracked)
+    assert sum(summary["age_distribution"].values()) == len(disk)
+    assert summary["age_distribution"]["never tracked"] == len(disk) - len(tracked)
+    by_dir = {}
+    for relpath, size in disk.items():
+        by_dir.setdefault(os.path.dirname(relpath), []).append(size)
+    assert sorted((d["num_items"], d["size_bytes"]) for d in summary["datasets"]) == \
+        sorted((len(sizes), sum(sizes)) for sizes in by_dir.values())
+    inv = report.inventory(cache)  # the general path agrees too
+    assert inv.total_size_bytes == summary["total_size_bytes"]
+    assert sorted(i.relpath for i in inv.items) == sorted(disk)
+    return summary
+
+
+def refresh_count(cache):
+    assert os.path.isfile(MetaPaths(cache).ledger), "the commands must use a real ledger"
+    with Ledger(MetaPaths(cache)) as ledger:
+        return diskindex.refresh(ledger.conn, cache)
+
+
+def test_summary_ls_and_clean_are_exact_at_20k_items(built):
+    cache, items = built
+    assert_summary_matches_disk(cache, items)
+    again = refresh_count(cache)
+    assert (again.rescanned_dirs, again.stat_calls) == (0, 0), "a cache at rest: no rescan"
+
+    # Behind our back: files appear, vanish, are replaced; a dataset goes, another comes.
+    dirs = sorted({os.path.dirname(r) for r in items})
+    added = os.path.join(cache, dirs[0], "f" * 40 + ".new")
+    with open(added, "wb") as fh:
+        fh.write(b"n" * 777)
+    removed = sorted(r for r in items if r.startswith(dirs[1] + "/"))[:5]
+    for relpath in removed:
+        os.unlink(os.path.join(cache, relpath))
+    replaced = sorted(r for r in items if r.startswith(dirs[2] + "/"))[0]
+    tmp = os.path.join(cache, dirs[2], "upload.part")
+    with open(tmp, "wb") as fh:
+        fh.write(b"r" * 5000)
+    os.rename(tmp, os.path.join(cache, replaced))
+    shutil.rmtree(os.path.join(cache, dirs[3]))
+    os.makedirs(os.path.join(cache, "http", "new-dataset"))
+    with open(os.path.join(cache, "http", "new-dataset", "a" * 40 + ".txt"), "wb") as fh:
+        fh.write(b"x" * 1234)
+    os.symlink("/etc/passwd", os.path.join(cache, dirs[4], "b" * 40 + ".lnk"))
+    with open(os.path.join(cache, dirs[5], "c" * 40 + ".dat.tmp"), "wb") as fh:
+        fh.write(b"p" * 99)
+    for relpath in [r for r in items if r.startswith(dirs[3] + "/")] + removed:
+        del items[relpath]
+
+    changed = refresh_count(cache)
+    # dirs 0, 1, 2, 4, 5, the 'http' parent (one dataset gone, one new) and the new dataset
+    assert changed.rescanned_dirs == 7, changed
+    assert changed.stat_calls == 4  # the new file, the replaced one, the partial, the new dataset's
+    summary = assert_summary_matches_disk(cache, items)
+    assert summary["num_datasets"] == N_DIRS  # one gone, one new
+    with Ledger(MetaPaths(cache)) as ledger:
+        rows = {row.relpath for row in ledger.items()}
+    assert not rows.intersection(removed) and replaced in rows  # same path: same item
+    assert not any(r.startswith(dirs[3] + "/") for r in rows), "vanished rows reconciled"
+
+    # ls: the most recently used, from the index, equal to a sort of everything.
+    listed = cli(cache, "ls", "--sort", "accessed", "--limit", "100")
+    newest = sorted((i for i in items.values() if i.last_access),
+                    key=lambda i: (i.last_access, i.relpath), reverse=True)[:100]
+    assert [i["path"] for i in listed] == [i.relpath for i in newest]
+    oldest = cli(cache, "ls", "--sort", "accessed:asc", "--limit", "50")
+    untracked = sorted(r for r in disk_files(cache, partials=False)
+                       if not (items.get(r) and items[r].last_access))
+    assert [i["path"] for i in oldest] == untracked[:50]
+
+    # The fast plan (index order, read only as far as needed) equals the general one.
+    now = time.time()
+    total = summary["total_size_bytes"] - summary["partial_size_bytes"]
+    for rules in (Rules(retain_size_bytes=int(total * 0.9)),
+                  Rules(retain_size_bytes=0),
+                  Rules(older_than_seconds=30 * 86400),
+                  Rules(older_than_seconds=20 * 86400, exclude_frequently_accessed=1,
+                        retain_size_bytes=int(total * 0.95)),
+                  Rules(remove_all=True)):
+        fast = report.plan(cache, rules, now=now)
+        general = report.plan_clean(report.inventory(cache), rules, now=now)
+        assert fast.removals == general.removals, rules
+        assert fast.expected_freed_bytes == general.expected_freed_bytes
+
+    lru_first = [r.relpath for r in report.plan(cache, Rules(retain_size_bytes=0)).removals]
+    cleaned = cli(cache, "clean", "--retain-size", str(int(total * 0.9)), "--yes")
+    assert cleaned["removed"] == lru_first[:len(cleaned["removed"])]
+    for relpath in cleaned["removed"]:
+        items.pop(relpath, None)
+    after = assert_summary_matches_disk(cache, items)
+    assert after["total_size_bytes"] - after["partial_size_bytes"] <= int(total * 0.9)
