@@ -18,7 +18,7 @@ from typing import Iterator, List, Optional
 
 from . import diskindex, executor
 from .holds import holders_of
-from .layout import MetaPaths, resolve_cache_dir
+from .layout import MetaPaths, resolve_cache_dir, sanitise_uri
 from .ledger import ItemRow, Ledger, LedgerError, is_corruption, move_aside
 
 logger = logging.getLogger(__name__)
@@ -128,12 +128,6 @@ def hold_scope(*args, **kwargs):
     from . import tracking
 
     return tracking.hold_scope(*args, **kwargs)
-
-
-def sanitise_uri(uri: str) -> str:
-    from dtoolcore.utils import sanitise_uri as sanitise
-
-    return sanitise(uri)
 
 
 def cache_size(cache_dir: Optional[str] = None) -> int:

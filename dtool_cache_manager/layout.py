@@ -35,6 +35,13 @@ def configured_cache_dir(config_path: Optional[str] = None) -> str:
     return os.path.abspath(os.path.expanduser(value))
 
 
+def sanitise_uri(uri: str) -> str:
+    """dtoolcore's normal form of a dataset URI (imported on use, as above)."""
+    from dtoolcore.utils import sanitise_uri as sanitise
+
+    return sanitise(uri)
+
+
 def resolve_cache_dir(cache_dir: Optional[str]) -> str:
     """``cache_dir`` if given, else dtool's configured cache."""
     if cache_dir is None:

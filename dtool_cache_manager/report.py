@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from . import diskindex
-from .api import open_ledger, sanitise_uri
+from .api import open_ledger
 from .diskindex import IndexedFile
 from .executor import (STALE_PARTIAL_SECONDS, CleanPlan, PlannedRemoval,
                        forget_if_vanished, is_inside)
 from .holds import Holder, by_identifier, holders_in, live_holds
-from .layout import MetaPaths
+from .layout import MetaPaths, sanitise_uri
 from .ledger import ItemRow, Ledger, from_db, to_db
 from .params import BadInput
 from .policies import Candidate, Rules, Selection, lru_key, select, select_in_lru_order
