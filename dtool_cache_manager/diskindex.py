@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
-from .layout import META_DIRNAME
+from .layout import META_DIRNAME, from_db, to_db
 
 PARTIAL_SUFFIX = ".tmp"
 RACY_SECONDS = 2.0  # coarse filesystem clocks tick in 4-10 ms; some network ones in 1-2 s
@@ -121,7 +121,7 @@ def identifier_of(name: str) -> Optional[str]:
 
 def _under(prefix: str) -> Tuple:
     """Bounds of every path strictly under directory ``prefix``, for a range query."""
-    return _db(prefix + "/"), _db(prefix + "0")  # '0' follows '/'
+    return to_db(prefix + "/"), to_db(prefix + "0")  # '0' follows '/'
 
 
 # -- refresh ---------------------------------------------------------------------------
@@ -134,7 +134,7 @@ def refresh(conn: sqlite3.Connection, cache_dir: str, full: bool = False,
     Runs in its own transaction unless the caller has one open.
     """
     now = time.time() if now is None else now
-    known = {_text(r): m for r, m in conn.execute("SELECT relpath, mtime_ns FROM dirs")}
+    known = {from_db(r): m for r, m in conn.execute("SELECT relpath, mtime_ns FROM dirs")}
     fresh_index = "" not in known
     known.setdefault("", None)
     changed: List[Tuple[str, os.stat_result]] = []
@@ -179,20 +179,8 @@ def refresh(conn: sqlite3.Connection, cache_dir: str, full: bool = False,
         raise
     if own_transaction:
         conn.execute("COMMIT")
-    return Refresh(scanner.rescanned, scanner.stats, tuple(sorted(map(_text, scanner.vanished))))
-
-
-def _text(value) -> str:
-    return os.fsdecode(value) if isinstance(value, bytes) else value
-
-
-def _db(relpath: str):
-    """Text, or raw bytes for a name that is not UTF-8 (as :func:`ledger.to_db`)."""
-    try:
-        relpath.encode("utf-8")
-        return relpath
-    except UnicodeEncodeError:
-        return os.fsencode(relpath)
+    vanished = tuple(sorted(map(from_db, scanner.vanished)))
+    return Refresh(scanner.rescanned, scanner.stats, vanished)
 
 
 class _Scanner:
@@ -219,22 +207,22 @@ class _Scanner:
         low, high = _under(rel)
         self.vanished.update(r for (r,) in self.conn.execute(
             "SELECT relpath FROM files WHERE (dir = ? OR (dir >= ? AND dir < ?)) "
-            "AND uuid IS NOT NULL", (_db(rel), low, high)))
+            "AND uuid IS NOT NULL", (to_db(rel), low, high)))
         self.vanished.update(r for (r,) in self.conn.execute(
             "SELECT relpath FROM unindexed WHERE dir = ? OR (dir >= ? AND dir < ?)",
-            (_db(rel), low, high)))
+            (to_db(rel), low, high)))
         for table, column in (("files", "dir"), ("unindexed", "dir"), ("dirs", "relpath")):
             self.conn.execute(f"DELETE FROM {table} WHERE {column} = ? OR "
-                              f"({column} >= ? AND {column} < ?)", (_db(rel), low, high))
+                              f"({column} >= ? AND {column} < ?)", (to_db(rel), low, high))
 
     def rescan(self, rel: str, dir_stat: os.stat_result) -> List[Tuple[str, os.stat_result]]:
         """Rescan one directory; returns its new subdirectories (to scan too)."""
         self.rescanned += 1
         conn = self.conn
-        existing = {_text(r): (ino, tracked) for r, ino, tracked in conn.execute(
-            "SELECT relpath, ino, uuid IS NOT NULL FROM files WHERE dir = ?", (_db(rel),))}
-        old_subdirs = {_text(r) for (r,) in conn.execute(
-            "SELECT relpath FROM dirs WHERE parent = ?", (_db(rel),))}
+        existing = {from_db(r): (ino, tracked) for r, ino, tracked in conn.execute(
+            "SELECT relpath, ino, uuid IS NOT NULL FROM files WHERE dir = ?", (to_db(rel),))}
+        old_subdirs = {from_db(r) for (r,) in conn.execute(
+            "SELECT relpath FROM dirs WHERE parent = ?", (to_db(rel),))}
         skipped: List[Tuple[str, str]] = []
         present: Set[str] = set()
         to_stat = []
@@ -262,7 +250,7 @@ class _Scanner:
             return []
         except PermissionError:
             # Unreadable: we can neither count nor prove anything gone; keep its rows out.
-            conn.execute("DELETE FROM files WHERE dir = ?", (_db(rel),))
+            conn.execute("DELETE FROM files WHERE dir = ?", (to_db(rel),))
             self._store_dir(rel, None, [(rel, "directory not readable")])
             return []
         rows = []
@@ -278,11 +266,11 @@ class _Scanner:
                 present.discard(child)
                 skipped.append((child, "not a regular file"))
                 continue
-            rows.append((_db(child), _db(rel), st.st_ino, st.st_size, st.st_mtime, st.st_atime,
-                         int(child.endswith(PARTIAL_SUFFIX)), identifier_of(child)))
+            rows.append((to_db(child), to_db(rel), st.st_ino, st.st_size, st.st_mtime,
+                         st.st_atime, int(child.endswith(PARTIAL_SUFFIX)), identifier_of(child)))
         gone = [r for r in existing if r not in present]
-        self.vanished.update(_db(r) for r in gone if existing[r][1])
-        conn.executemany("DELETE FROM files WHERE relpath = ?", [(_db(r),) for r in gone])
+        self.vanished.update(to_db(r) for r in gone if existing[r][1])
+        conn.executemany("DELETE FROM files WHERE relpath = ?", [(to_db(r),) for r in gone])
         conn.executemany(
             """INSERT INTO files (relpath, dir, ino, size_bytes, mtime, atime, partial, identifier,
                                   uuid, last_access, access_count, last_use)
@@ -295,10 +283,10 @@ class _Scanner:
                  ino = excluded.ino, size_bytes = excluded.size_bytes, mtime = excluded.mtime,
                  atime = excluded.atime, partial = excluded.partial,
                  last_use = coalesce(last_access, max(excluded.mtime, excluded.atime))""", rows)
-        for r, in conn.execute("SELECT relpath FROM unindexed WHERE dir = ?", (_db(rel),)):
-            if _text(r) not in present:
+        for r, in conn.execute("SELECT relpath FROM unindexed WHERE dir = ?", (to_db(rel),)):
+            if from_db(r) not in present:
                 self.vanished.add(r)
-        conn.execute("DELETE FROM unindexed WHERE dir = ?", (_db(rel),))
+        conn.execute("DELETE FROM unindexed WHERE dir = ?", (to_db(rel),))
         for sub in old_subdirs.difference(subdirs):
             self.drop_dir(sub)
         new = []
@@ -310,7 +298,7 @@ class _Scanner:
             except FileNotFoundError:
                 continue
             conn.execute("INSERT OR REPLACE INTO dirs (relpath, parent) VALUES (?, ?)",
-                         (_db(sub), _db(rel)))
+                         (to_db(sub), to_db(rel)))
             new.append((sub, sub_stat))
         trusted = self.now - dir_stat.st_mtime >= RACY_SECONDS
         self._store_dir(rel, dir_stat.st_mtime_ns if trusted else None, skipped)
@@ -321,7 +309,7 @@ class _Scanner:
             """INSERT INTO dirs (relpath, parent, mtime_ns, skipped) VALUES (?, ?, ?, ?)
                ON CONFLICT (relpath) DO UPDATE SET mtime_ns = excluded.mtime_ns,
                                                    skipped = excluded.skipped""",
-            (_db(rel), None if rel == "" else _db(dirname(rel)), mtime_ns,
+            (to_db(rel), None if rel == "" else to_db(dirname(rel)), mtime_ns,
              json.dumps(sorted(skipped)) if skipped else None))
         recompute_dirs(self.conn, [rel])
 
@@ -339,7 +327,7 @@ def recompute_dirs(conn: sqlite3.Connection, dirs: Iterable[str]) -> None:
                     CASE WHEN min(uuid) = max(uuid) THEN min(uuid)
                          WHEN min(uuid) IS NULL THEN NULL ELSE '*' END
              FROM files WHERE dir = ?1)
-           WHERE relpath = ?1""", [(_db(d),) for d in set(dirs)])
+           WHERE relpath = ?1""", [(to_db(d),) for d in set(dirs)])
 
 
 # -- keeping ledger facts in step ------------------------------------------------------
@@ -365,12 +353,12 @@ def note_accesses(conn: sqlite3.Connection, relpaths: Sequence, uris: Iterable) 
     for r in relpaths:
         row = conn.execute("SELECT dir FROM files WHERE relpath = ?", (r,)).fetchone()
         if row is None:
-            missing.append((r, _db(dirname(_text(r)))))
+            missing.append((r, to_db(dirname(from_db(r)))))
         else:
-            dirs.add(_text(row[0]))
+            dirs.add(from_db(row[0]))
     conn.executemany("INSERT OR IGNORE INTO unindexed (relpath, dir) VALUES (?, ?)", missing)
     for _, d in missing:
-        _mark_for_rescan(conn, _text(d))
+        _mark_for_rescan(conn, from_db(d))
     recompute_dirs(conn, dirs)
     conn.executemany("INSERT OR IGNORE INTO dataset_uris (uuid, uri) VALUES (?, ?)", uris)
 
@@ -379,7 +367,7 @@ def _mark_for_rescan(conn: sqlite3.Connection, rel: str) -> None:
     """Rescan ``rel`` next time; an unknown directory is checked from its known ancestor."""
     while True:
         updated = conn.execute("UPDATE dirs SET mtime_ns = NULL WHERE relpath = ?",
-                               (_db(rel),)).rowcount
+                               (to_db(rel),)).rowcount
         if updated or rel == "":
             return
         rel = dirname(rel)
@@ -422,7 +410,7 @@ def note_removed(conn: sqlite3.Connection, removed: Sequence[Tuple[object, Optio
 
 
 def _indexed_file(values) -> IndexedFile:
-    return IndexedFile(_text(values[0]), *values[1:])
+    return IndexedFile(from_db(values[0]), *values[1:])
 
 
 _SELECT_FILES = f"SELECT {', '.join(FILE_COLUMNS)} FROM files"
@@ -480,7 +468,7 @@ class DirTotals:
 
 
 def dir_totals(conn: sqlite3.Connection) -> List[DirTotals]:
-    return [DirTotals(_text(r[0]), *r[1:8],
+    return [DirTotals(from_db(r[0]), *r[1:8],
                       tuple(tuple(s) for s in json.loads(r[8])) if r[8] else ())
             for r in conn.execute(
                 "SELECT relpath, num_files, file_bytes, num_partial, partial_bytes, "
@@ -521,11 +509,11 @@ def dataset_groups(conn: sqlite3.Connection, dirs: Sequence[DirTotals]
         if d.dataset == "*":
             for uuid, n, nbytes, last in conn.execute(
                     "SELECT uuid, count(*), sum(size_bytes), max(last_access) FROM files "
-                    "WHERE dir = ? AND partial = 0 GROUP BY uuid", (_db(d.relpath),)):
+                    "WHERE dir = ? AND partial = 0 GROUP BY uuid", (to_db(d.relpath),)):
                 add(uuid or d.relpath, n, nbytes, last)
             continue
         last = conn.execute("SELECT max(last_access) FROM files WHERE dir = ?",
-                            (_db(d.relpath),)).fetchone()[0]
+                            (to_db(d.relpath),)).fetchone()[0]
         add(d.dataset or d.relpath, d.num_files, d.file_bytes, last)
     return groups
 
@@ -536,11 +524,3 @@ def uris_of_datasets(conn: sqlite3.Connection) -> Dict[str, List[str]]:
         result.setdefault(uuid, []).append(uri)
     return result
 
-
-def lookup(conn: sqlite3.Connection, relpaths: Iterable[str]) -> Dict[str, IndexedFile]:
-    found = {}
-    for r in relpaths:
-        values = conn.execute(f"{_SELECT_FILES} WHERE relpath = ?", (_db(r),)).fetchone()
-        if values is not None:
-            found[r] = _indexed_file(values)
-    return found

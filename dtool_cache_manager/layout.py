@@ -12,7 +12,7 @@ import pwd
 import socket
 import stat
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 
 META_DIRNAME = ".dtool-cache-manager"
@@ -98,6 +98,20 @@ class MetaPaths:
         if rel.split(os.sep, 1)[0] == META_DIRNAME:
             return None
         return rel
+
+
+def to_db(relpath: str) -> Union[str, bytes]:
+    """A path as SQLite stores it: text, or the raw bytes of a name that is not UTF-8
+    (SQLite text must be valid UTF-8; such names come from a shared directory)."""
+    try:
+        relpath.encode("utf-8")
+        return relpath
+    except UnicodeEncodeError:
+        return os.fsencode(relpath)
+
+
+def from_db(value: Union[str, bytes]) -> str:
+    return os.fsdecode(value) if isinstance(value, bytes) else value
 
 
 def is_item_relpath(relpath) -> bool:

@@ -15,10 +15,11 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from . import diskindex, holds, journal
-from .layout import MetaPaths, ensure_dir, is_item_relpath, share_file, unlink_quietly
+from .layout import (MetaPaths, ensure_dir, from_db, is_item_relpath, share_file, to_db,
+                     unlink_quietly)
 
 logger = logging.getLogger(__name__)
 
@@ -125,20 +126,6 @@ class ItemRow:
 
 
 _ITEM_COLUMNS = ", ".join(ItemRow.__dataclass_fields__)
-
-
-def to_db(relpath: str) -> Union[str, bytes]:
-    """A path as SQLite stores it: text, or the raw bytes of a name that is not UTF-8
-    (SQLite text must be valid UTF-8; such names come from a shared directory)."""
-    try:
-        relpath.encode("utf-8")
-        return relpath
-    except UnicodeEncodeError:
-        return os.fsencode(relpath)
-
-
-def from_db(value: Union[str, bytes]) -> str:
-    return os.fsdecode(value) if isinstance(value, bytes) else value
 
 
 def _item_row(values) -> ItemRow:
