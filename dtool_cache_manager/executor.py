@@ -51,31 +51,11 @@ def is_inside(cache_dir: str, relpath: str) -> bool:
 
 def _inside(cache_dir: str, abspath: str) -> bool:
     """True if ``abspath``'s directory really is inside the cache (symlinks resolved)."""
-    real_cache = os.path.realpath(cache_dir)
-    real_parent = os.path.realpath(os.path.dirname(abspath))
-    return real_parent == real_cache or real_parent.startswith(real_cache + os.sep)
+    return _under(os.path.realpath(os.path.dirname(abspath)), os.path.realpath(cache_dir))
 
 
-def _unlink_checked(paths: MetaPaths, relpath: str, identifier: str, holders_fn,
-                    on_removed: Callable[[], None]) -> RemovalOutcome:
-    """Check and unlink under the item's exclusive gate; ``on_removed`` updates the ledger."""
-    abspath = os.path.join(paths.cache_dir, relpath)
-    if not is_inside(paths.cache_dir, relpath):
-        return RemovalOutcome(relpath, False, reason="path is outside the cache directory")
-    with exclusive_gate(paths, identifier):
-        holders = holders_fn()
-        if holders:
-            return RemovalOutcome(relpath, False, holders=tuple(holders), reason="in use")
-        try:
-            st = os.lstat(abspath)
-        except FileNotFoundError:
-            _record(on_removed, relpath)
-            return RemovalOutcome(relpath, False, reason=ALREADY_GONE)
-        if not stat.S_ISREG(st.st_mode):
-            return RemovalOutcome(relpath, False, reason="not a regular file")
-        os.unlink(abspath)
-        _record(on_removed, relpath)
-    return RemovalOutcome(relpath, True, freed_bytes=st.st_size)
+def _under(real: str, real_cache: str) -> bool:
+    return real == real_cache or real.startswith(real_cache + os.sep)
 
 
 def _record(on_removed: Callable[[], None], what: str) -> None:
@@ -91,22 +71,28 @@ def _record(on_removed: Callable[[], None], what: str) -> None:
 def remove_item(ledger: Ledger, row: ItemRow, uri: Optional[str] = None) -> RemovalOutcome:
     """Remove ``row``'s file and ledger entry unless a live process holds it.
 
-    The holds, not the ledger, decide: with a read-only view of the ledger (a full disk) the
-    file still goes, and the next reconcile drops its row.
+    Checked and unlinked under the item's exclusive gate.  The holds, not the ledger,
+    decide: with a read-only view of the ledger (a full disk) the file still goes, and the
+    next reconcile drops its row.
     """
-    paths = ledger.paths
-    return _unlink_checked(
-        paths, row.relpath, row.identifier,
-        lambda: holders_of(paths, row.identifier, uuid=row.uuid, uri=uri, relpath=row.relpath),
-        lambda: ledger.forget([row.relpath]))
-
-
-def remove_untracked(paths: MetaPaths, relpath: str) -> RemovalOutcome:
-    """Remove a file no hook has seen; any hold on its identifier keeps it (we cannot tell
-    which dataset it belongs to, so we err towards keeping)."""
-    identifier = os.path.basename(relpath)[:40]
-    return _unlink_checked(paths, relpath, identifier,
-                           lambda: holders_of(paths, identifier), lambda: None)
+    paths, relpath = ledger.paths, row.relpath
+    abspath = os.path.join(paths.cache_dir, relpath)
+    if not is_inside(paths.cache_dir, relpath):
+        return RemovalOutcome(relpath, False, reason="path is outside the cache directory")
+    with exclusive_gate(paths, row.identifier):
+        holders = holders_of(paths, row.identifier, uuid=row.uuid, uri=uri, relpath=relpath)
+        if holders:
+            return RemovalOutcome(relpath, False, holders=tuple(holders), reason="in use")
+        try:
+            st = os.lstat(abspath)
+        except FileNotFoundError:
+            _record(lambda: ledger.forget([relpath]), relpath)
+            return RemovalOutcome(relpath, False, reason=ALREADY_GONE)
+        if not stat.S_ISREG(st.st_mode):
+            return RemovalOutcome(relpath, False, reason="not a regular file")
+        os.unlink(abspath)
+        _record(lambda: ledger.forget([relpath]), relpath)
+    return RemovalOutcome(relpath, True, freed_bytes=st.st_size)
 
 
 def forget_if_vanished(ledger: Ledger, row: ItemRow) -> bool:
@@ -237,7 +223,7 @@ class _Directories:
             opened, found = os.fstat(fd), os.stat(real)
             if (opened.st_dev, opened.st_ino) != (found.st_dev, found.st_ino):
                 return False
-        return real == self.real_cache or real.startswith(self.real_cache + os.sep)
+        return _under(real, self.real_cache)
 
     def close(self) -> None:
         for fd in self._fds.values():
