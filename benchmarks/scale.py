@@ -99,15 +99,19 @@ def lru_first(items: List[BuiltItem]) -> List[BuiltItem]:
 
 
 def files_apparent_size(cache_dir: str) -> Tuple[int, int]:
-    """(du -sb of the tree without our bookkeeping, the part of it that is directories)."""
+    """(du -sb of the tree without our bookkeeping, the part of it that is not files:
+    directories' own sizes and symbolic links', which the cache never follows or counts)."""
     out = subprocess.run(["du", "-sb", f"--exclude={META}", cache_dir], check=True,
                          capture_output=True, text=True).stdout
-    dir_bytes = 0
-    for root, dirnames, _ in os.walk(cache_dir):
+    not_files = 0
+    for root, dirnames, filenames in os.walk(cache_dir):
         if root == cache_dir and META in dirnames:
             dirnames.remove(META)
-        dir_bytes += os.lstat(root).st_size
-    return int(out.split()[0]), dir_bytes
+        not_files += os.lstat(root).st_size
+        not_files += sum(os.lstat(path).st_size for path in
+                         (os.path.join(root, name) for name in filenames)
+                         if os.path.islink(path))
+    return int(out.split()[0]), not_files
 
 
 def timed(cmd: List[str], env: Dict[str, str]) -> Tuple[float, str]:
@@ -162,7 +166,7 @@ def run(n_items: int, n_dirs: int, repeat: int, workdir: str) -> Tuple[List[List
         raise SystemExit("no ledger was written: the commands fell back to a read-only view")
     print(f"  first summary (folds {n_items:,} journal records, builds the index): "
           f"{first:.1f} s", flush=True)
-    du_total, dir_bytes = files_apparent_size(cache_dir)
+    du_total, dir_bytes = files_apparent_size(cache_dir)  # the build makes no links
     du_seconds, _ = median_time(["du", "-sb", f"--exclude={META}", cache_dir], env, repeat)
     summary_seconds, out = median_time(dtool_cache + ["summary", "--json"], env, repeat)
     summary = json.loads(out)

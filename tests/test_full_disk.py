@@ -37,14 +37,21 @@ def _count(ds):
     return sum(dcm.num_times_accessed(ds.uri, i) for i in ds.identifiers.values())
 
 
-def test_accesses_survive_a_full_disk_and_the_journal_catches_up(http_dataset, cache_dir,
-                                                                 make_env):
+def _access_on_a_full_disk(http_dataset, cache_dir, make_env, kept):
+    """Fill a cache, then make 30 accesses with the journal's disk full, keeping at most
+    ``kept`` lines in memory; returns (dataset, accesses counted before, the run)."""
     ds = http_dataset({f"f{i}.txt": b"x" * 100 for i in range(4)})
     _fill(ds, cache_dir, make_env)
     before = _count(ds)
-    run = subprocess.run([sys.executable, "-c", LIMITED, ds.uri, "30", "100000"],
+    run = subprocess.run([sys.executable, "-c", LIMITED, ds.uri, "30", str(kept)],
                          env=make_env(cache_dir), capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
+    return ds, before, run
+
+
+def test_accesses_survive_a_full_disk_and_the_journal_catches_up(http_dataset, cache_dir,
+                                                                 make_env):
+    ds, before, run = _access_on_a_full_disk(http_dataset, cache_dir, make_env, kept=100000)
     assert json.loads(run.stdout) == {"ok": True, "paths": 4}
     assert "cannot write the access journal" in run.stderr
     assert "Traceback" not in run.stderr
@@ -52,12 +59,7 @@ def test_accesses_survive_a_full_disk_and_the_journal_catches_up(http_dataset, c
 
 
 def test_what_could_not_be_kept_is_counted(http_dataset, cache_dir, make_env):
-    ds = http_dataset({f"f{i}.txt": b"x" * 100 for i in range(4)})
-    _fill(ds, cache_dir, make_env)
-    before = _count(ds)
-    run = subprocess.run([sys.executable, "-c", LIMITED, ds.uri, "30", "5"],
-                         env=make_env(cache_dir), capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
+    ds, before, run = _access_on_a_full_disk(http_dataset, cache_dir, make_env, kept=5)
     summary = json.loads(subprocess.run(["dtool-cache", "summary", "--json"], check=True,
                                         capture_output=True, text=True,
                                         env=make_env(cache_dir)).stdout)

@@ -35,10 +35,13 @@ def _scale_module():
     return module
 
 
+SCALE = _scale_module()
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("scale") / "cache")
-    items = _scale_module().build_cache(cache, N_ITEMS, N_DIRS, untracked_share=0.1)
+    items = SCALE.build_cache(cache, N_ITEMS, N_DIRS, untracked_share=0.1)
     return cache, {i.relpath: i for i in items}
 
 
@@ -50,26 +53,13 @@ def cli(cache, *args):
     return json.loads(proc.stdout)
 
 
-def du_files_bytes(cache):
-    """``du -sb``'s apparent size of the tree minus what is not a file: directories' own
-    sizes and symbolic links' (which the cache never follows or counts)."""
-    out = subprocess.run(["du", "-sb", "--exclude=.dtool-cache-manager", cache],
-                         capture_output=True, text=True, check=True).stdout
-    not_files = 0
-    for root, dirs, files in os.walk(cache):
-        dirs[:] = [d for d in dirs if d != ".dtool-cache-manager"]
-        not_files += os.lstat(root).st_size
-        not_files += sum(os.lstat(os.path.join(root, f)).st_size for f in files
-                         if os.path.islink(os.path.join(root, f)))
-    return int(out.split()[0]) - not_files
-
-
 def assert_summary_matches_disk(cache, built_items):
     disk = disk_files(cache, partials=False)
     partial = {r: s for r, s in disk_files(cache).items() if r not in disk}
     summary = cli(cache, "summary")
     assert summary["total_size_bytes"] == sum(disk.values()) + sum(partial.values())
-    assert summary["total_size_bytes"] == du_files_bytes(cache)
+    du_total, not_files = SCALE.files_apparent_size(cache)
+    assert summary["total_size_bytes"] == du_total - not_files
     assert summary["num_items"] == len(disk)
     assert summary["num_partial"] == len(partial)
     tracked = {r for r in disk if built_items.get(r) and built_items[r].last_access}
