@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS dirs (
     num_partial INTEGER NOT NULL DEFAULT 0, partial_bytes INTEGER NOT NULL DEFAULT 0,
     num_untracked INTEGER NOT NULL DEFAULT 0, untracked_bytes INTEGER NOT NULL DEFAULT 0,
     dataset TEXT,                        -- UUID of its tracked files ('*' when they differ)
+    last_access REAL,                    -- the latest of its files' (as of its last count)
     skipped TEXT                         -- JSON [[relpath, why], ...]: entries not counted
 );
 CREATE INDEX IF NOT EXISTS dirs_by_parent ON dirs (parent);
@@ -56,9 +57,7 @@ CREATE TABLE IF NOT EXISTS files (
     uuid TEXT, last_access REAL, access_count INTEGER NOT NULL DEFAULT 0,  -- from the ledger
     last_use REAL NOT NULL               -- last access, else the later of atime and mtime
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS files_by_dir ON files (dir, last_access);
-CREATE INDEX IF NOT EXISTS files_by_last_access ON files (last_access);
-CREATE INDEX IF NOT EXISTS files_by_last_use ON files (last_use) WHERE partial = 0;
+CREATE INDEX IF NOT EXISTS files_by_last_use ON files (partial, last_use);
 CREATE TABLE IF NOT EXISTS unindexed (relpath TEXT PRIMARY KEY, dir TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS dataset_uris (
     uuid TEXT NOT NULL, uri TEXT NOT NULL, PRIMARY KEY (uuid, uri)
@@ -78,10 +77,10 @@ def statements(script: str) -> List[str]:
     return found
 
 
-# Indexes a first refresh builds at the end (files_by_dir serves the rescans themselves).
+# Indexes a first refresh builds at the end.  There is no index by directory: a directory's
+# files are neighbours in the primary key (see _in_dir), and each index costs every removal.
 _SECONDARY_INDEXES = [(s.split()[5], s.strip()) for s in statements(SCHEMA)
-                      if s.strip().startswith("CREATE INDEX IF NOT EXISTS files_")
-                      and "files_by_dir" not in s]
+                      if s.strip().startswith("CREATE INDEX IF NOT EXISTS files_")]
 
 FILE_COLUMNS = ("relpath", "size_bytes", "mtime", "atime", "identifier", "uuid",
                 "last_access", "access_count")
@@ -122,6 +121,24 @@ def identifier_of(name: str) -> Optional[str]:
 def _under(prefix: str) -> Tuple:
     """Bounds of every path strictly under directory ``prefix``, for a range query."""
     return to_db(prefix + "/"), to_db(prefix + "0")  # '0' follows '/'
+
+
+def _files_under(rel: str) -> Tuple[str, tuple]:
+    """SQL condition and parameters: a ``files`` row anywhere under directory ``rel``.  Two
+    ranges of the primary key: a path is stored as text, or as bytes when it is not UTF-8
+    (and SQLite orders all text before all bytes)."""
+    low, high = _under(rel)
+    return ("((relpath >= ? AND relpath < ?) OR (relpath >= ? AND relpath < ?))",
+            (low, high, os.fsencode(rel + "/"), os.fsencode(rel + "0")))
+
+
+def _in_dir(rel: str) -> Tuple[str, tuple]:
+    """SQL condition and parameters: a ``files`` row directly in directory ``rel`` (its
+    subdirectories' rows lie in the same ranges; the root's files take a scan)."""
+    if rel == "":
+        return "dir = ''", ()
+    under, params = _files_under(rel)
+    return f"{under} AND dir = ?", (*params, to_db(rel))
 
 
 # -- refresh ---------------------------------------------------------------------------
@@ -205,13 +222,14 @@ class _Scanner:
                               " untracked_bytes = 0, dataset = NULL, skipped = NULL")
             return
         low, high = _under(rel)
+        under, params = _files_under(rel)
         self.vanished.update(r for (r,) in self.conn.execute(
-            "SELECT relpath FROM files WHERE (dir = ? OR (dir >= ? AND dir < ?)) "
-            "AND uuid IS NOT NULL", (to_db(rel), low, high)))
+            f"SELECT relpath FROM files WHERE {under} AND uuid IS NOT NULL", params))
         self.vanished.update(r for (r,) in self.conn.execute(
             "SELECT relpath FROM unindexed WHERE dir = ? OR (dir >= ? AND dir < ?)",
             (to_db(rel), low, high)))
-        for table, column in (("files", "dir"), ("unindexed", "dir"), ("dirs", "relpath")):
+        self.conn.execute(f"DELETE FROM files WHERE {under}", params)
+        for table, column in (("unindexed", "dir"), ("dirs", "relpath")):
             self.conn.execute(f"DELETE FROM {table} WHERE {column} = ? OR "
                               f"({column} >= ? AND {column} < ?)", (to_db(rel), low, high))
 
@@ -219,8 +237,9 @@ class _Scanner:
         """Rescan one directory; returns its new subdirectories (to scan too)."""
         self.rescanned += 1
         conn = self.conn
+        in_dir, params = _in_dir(rel)
         existing = {from_db(r): (ino, tracked) for r, ino, tracked in conn.execute(
-            "SELECT relpath, ino, uuid IS NOT NULL FROM files WHERE dir = ?", (to_db(rel),))}
+            f"SELECT relpath, ino, uuid IS NOT NULL FROM files WHERE {in_dir}", params)}
         old_subdirs = {from_db(r) for (r,) in conn.execute(
             "SELECT relpath FROM dirs WHERE parent = ?", (to_db(rel),))}
         skipped: List[Tuple[str, str]] = []
@@ -250,7 +269,7 @@ class _Scanner:
             return []
         except PermissionError:
             # Unreadable: we can neither count nor prove anything gone; keep its rows out.
-            conn.execute("DELETE FROM files WHERE dir = ?", (to_db(rel),))
+            conn.execute(f"DELETE FROM files WHERE {in_dir}", params)
             self._store_dir(rel, None, [(rel, "directory not readable")])
             return []
         rows = []
@@ -316,18 +335,21 @@ class _Scanner:
 
 def recompute_dirs(conn: sqlite3.Connection, dirs: Iterable[str]) -> None:
     """Recount the totals of ``dirs`` from their ``files`` rows."""
-    conn.executemany(
-        """UPDATE dirs SET (num_files, file_bytes, num_partial, partial_bytes, num_untracked,
-                            untracked_bytes, dataset) = (
-             SELECT count(*) - coalesce(sum(partial), 0),
-                    coalesce(sum(size_bytes * (1 - partial)), 0),
-                    coalesce(sum(partial), 0), coalesce(sum(size_bytes * partial), 0),
-                    coalesce(sum(uuid IS NULL AND partial = 0), 0),
-                    coalesce(sum(size_bytes * (uuid IS NULL AND partial = 0)), 0),
-                    CASE WHEN min(uuid) = max(uuid) THEN min(uuid)
-                         WHEN min(uuid) IS NULL THEN NULL ELSE '*' END
-             FROM files WHERE dir = ?1)
-           WHERE relpath = ?1""", [(to_db(d),) for d in set(dirs)])
+    for rel in set(dirs):
+        in_dir, params = _in_dir(rel)
+        conn.execute(
+            f"""UPDATE dirs SET (num_files, file_bytes, num_partial, partial_bytes,
+                                 num_untracked, untracked_bytes, dataset, last_access) = (
+                  SELECT count(*) - coalesce(sum(partial), 0),
+                         coalesce(sum(size_bytes * (1 - partial)), 0),
+                         coalesce(sum(partial), 0), coalesce(sum(size_bytes * partial), 0),
+                         coalesce(sum(uuid IS NULL AND partial = 0), 0),
+                         coalesce(sum(size_bytes * (uuid IS NULL AND partial = 0)), 0),
+                         CASE WHEN min(uuid) = max(uuid) THEN min(uuid)
+                              WHEN min(uuid) IS NULL THEN NULL ELSE '*' END,
+                         max(last_access)
+                  FROM files WHERE {in_dir})
+                WHERE relpath = ?""", (*params, to_db(rel)))
 
 
 # -- keeping ledger facts in step ------------------------------------------------------
@@ -373,40 +395,54 @@ def _mark_for_rescan(conn: sqlite3.Connection, rel: str) -> None:
         rel = dirname(rel)
 
 
-def note_removed(conn: sqlite3.Connection, removed: Sequence[Tuple[object, Optional[int]]]
-                 ) -> None:
-    """After files were removed (or found gone), given as (relpath as stored, inode or None):
-    drop their rows and take them off their directories' totals.  A row of another inode is
-    a newer file under the same name, already indexed: it stays.  The directories' mtimes
-    moved, so the next refresh rescans them anyway."""
-    deltas: Dict = {}
-    gone = []
-    for r, ino in removed:
-        row = conn.execute("SELECT dir, size_bytes, partial, uuid IS NULL, ino FROM files "
-                           "WHERE relpath = ?", (r,)).fetchone()
-        if row is None or (ino is not None and row[4] != ino):
-            continue
-        gone.append((r,))
-        folder, size, partial, untracked, _ = row
-        d = deltas.setdefault(folder, [0, 0, 0, 0, 0, 0])
-        d[2 * partial] += 1
-        d[2 * partial + 1] += size
-        if untracked and not partial:
-            d[4] += 1
-            d[5] += size
-    conn.executemany("DELETE FROM files WHERE relpath = ?", gone)
-    conn.executemany("DELETE FROM unindexed WHERE relpath = ?", [(r,) for r, _ in removed])
-    conn.executemany(
-        """UPDATE dirs SET num_files = num_files - ?, file_bytes = file_bytes - ?,
-                           num_partial = num_partial - ?, partial_bytes = partial_bytes - ?,
-                           num_untracked = num_untracked - ?,
-                           untracked_bytes = untracked_bytes - ?
-           WHERE relpath = ?""", [(*d, folder) for folder, d in deltas.items()])
+def stage_removed(conn: sqlite3.Connection,
+                  removed: Sequence[Tuple[object, float, Optional[int]]]) -> None:
+    """Put (relpath as stored, removed_at, inode or None) of removed files in ``temp.gone``,
+    for the set statements that drop their rows (this connection's own table)."""
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS gone (relpath PRIMARY KEY, removed_at REAL, "
+                 "ino INTEGER) WITHOUT ROWID")
+    conn.execute("DELETE FROM temp.gone")
+    conn.executemany("INSERT OR REPLACE INTO temp.gone VALUES (?, ?, ?)", removed)
+
+
+def note_removed(conn: sqlite3.Connection) -> None:
+    """After the files staged by :func:`stage_removed` were removed (or found gone): drop
+    their rows and take them off their directories' totals.  A row of another inode is a
+    newer file under the same name, already indexed: it stays.  The directories' mtimes
+    moved, so the next refresh rescans them anyway (and recounts their latest access)."""
+    conn.execute("""CREATE TEMP TABLE IF NOT EXISTS gone_files AS
+                      SELECT relpath, dir, size_bytes, partial, uuid FROM files WHERE 0""")
+    conn.execute("DELETE FROM temp.gone_files")
+    conn.execute("""INSERT INTO temp.gone_files
+                      SELECT relpath, files.dir, files.size_bytes, files.partial, files.uuid
+                      FROM temp.gone JOIN files USING (relpath)
+                      WHERE gone.ino IS NULL OR gone.ino = files.ino""")
+    conn.execute("DELETE FROM files WHERE relpath IN (SELECT relpath FROM temp.gone_files)")
+    conn.execute("DELETE FROM unindexed WHERE relpath IN (SELECT relpath FROM temp.gone)")
+    conn.execute(
+        """UPDATE dirs SET (num_files, file_bytes, num_partial, partial_bytes, num_untracked,
+                            untracked_bytes) = (
+             SELECT dirs.num_files - sum(1 - partial),
+                    dirs.file_bytes - sum(size_bytes * (1 - partial)),
+                    dirs.num_partial - sum(partial),
+                    dirs.partial_bytes - sum(size_bytes * partial),
+                    dirs.num_untracked - sum(uuid IS NULL AND partial = 0),
+                    dirs.untracked_bytes - sum(size_bytes * (uuid IS NULL AND partial = 0))
+             FROM temp.gone_files WHERE gone_files.dir = dirs.relpath)
+           WHERE relpath IN (SELECT dir FROM temp.gone_files)""")
     conn.execute("UPDATE dirs SET dataset = NULL WHERE num_files = num_untracked "
                  "AND dataset IS NOT NULL")
 
 
 # -- queries ---------------------------------------------------------------------------
+
+
+def select_where_in(conn: sqlite3.Connection, query: str, keys: Sequence) -> Iterator[tuple]:
+    """Rows of ``query`` (ending in ``WHERE column``) for ``column IN keys``: one statement
+    per 500 keys, not one per key."""
+    for start in range(0, len(keys), 500):
+        chunk = keys[start:start + 500]
+        yield from conn.execute(f"{query} IN ({', '.join('?' * len(chunk))})", chunk)
 
 
 def _indexed_file(values) -> IndexedFile:
@@ -424,28 +460,43 @@ def all_files(conn: sqlite3.Connection, partial: bool = False) -> List[IndexedFi
 def files_with_identifiers(conn: sqlite3.Connection, identifiers: Iterable[str]
                            ) -> List[IndexedFile]:
     """Complete files whose identifier is one of ``identifiers`` (the few that are held):
-    tracked ones through the ledger's identifier index, untracked ones in one pass over the
-    untracked (usually few; an index of its own would cost every removal more)."""
+    tracked ones through the ledger's identifier index, untracked ones from the directories
+    that have any (usually few; an index of its own would cost every removal more)."""
     wanted = set(identifiers)
     if not wanted:
         return []
     found = [_indexed_file(v) for identifier in sorted(wanted) for v in conn.execute(
         f"{_SELECT_FILES} WHERE relpath IN (SELECT relpath FROM items WHERE identifier = ?) "
         "AND partial = 0", (identifier,))]
-    found += [f for f in map(_indexed_file, conn.execute(
-        f"{_SELECT_FILES} WHERE last_access IS NULL AND partial = 0"))
-        if f.identifier in wanted]
+    for in_dir, params in _dirs_with_untracked(conn):
+        found += [f for f in map(_indexed_file, conn.execute(
+            f"{_SELECT_FILES} WHERE {in_dir} AND last_access IS NULL AND partial = 0", params))
+            if f.identifier in wanted]
     return found
+
+
+def _dirs_with_untracked(conn: sqlite3.Connection) -> List[Tuple[str, tuple]]:
+    """:func:`_in_dir` of each directory holding untracked files (usually none)."""
+    return [_in_dir(from_db(r)) for (r,) in conn.execute(
+        "SELECT relpath FROM dirs WHERE num_untracked > 0")]
 
 
 def by_last_access(conn: sqlite3.Connection, descending: bool,
                    untracked: bool = False) -> Iterator[IndexedFile]:
-    """Complete files ordered by last access (untracked, i.e. NULL, lowest), ties by path."""
+    """Complete files ordered by last access (untracked, i.e. NULL, lowest), ties by path.
+
+    Tracked files come through ``files_by_last_use`` (for them last use is last access);
+    the untracked take a scan, which ``ls`` newest-first never reaches when it has a limit.
+    """
     order = "DESC" if descending else "ASC"
-    where = "partial = 0" + (" AND last_access IS NULL" if untracked else "")
-    for values in conn.execute(f"{_SELECT_FILES} WHERE {where} "
-                               f"ORDER BY last_access {order}, relpath {order}"):
-        yield _indexed_file(values)
+    never = (f"{_SELECT_FILES} WHERE partial = 0 AND last_access IS NULL "
+             f"ORDER BY relpath {order}")
+    tracked = (f"{_SELECT_FILES} WHERE partial = 0 AND last_access IS NOT NULL "
+               f"ORDER BY last_use {order}, relpath {order}")
+    queries = [never] if untracked else [tracked, never] if descending else [never, tracked]
+    for query in queries:
+        for values in conn.execute(query):
+            yield _indexed_file(values)
 
 
 def by_last_use(conn: sqlite3.Connection) -> Iterator[IndexedFile]:
@@ -464,15 +515,17 @@ class DirTotals:
     num_untracked: int
     untracked_bytes: int
     dataset: Optional[str]
+    last_access: Optional[float]
     skipped: Tuple[Tuple[str, str], ...]
 
 
 def dir_totals(conn: sqlite3.Connection) -> List[DirTotals]:
-    return [DirTotals(from_db(r[0]), *r[1:8],
-                      tuple(tuple(s) for s in json.loads(r[8])) if r[8] else ())
+    return [DirTotals(from_db(r[0]), *r[1:9],
+                      tuple(tuple(s) for s in json.loads(r[9])) if r[9] else ())
             for r in conn.execute(
                 "SELECT relpath, num_files, file_bytes, num_partial, partial_bytes, "
-                "num_untracked, untracked_bytes, dataset, skipped FROM dirs ORDER BY relpath")]
+                "num_untracked, untracked_bytes, dataset, last_access, skipped FROM dirs "
+                "ORDER BY relpath")]
 
 
 def partials(conn: sqlite3.Connection) -> List[IndexedFile]:
@@ -486,8 +539,16 @@ def count_tracked(conn: sqlite3.Connection) -> int:
 
 
 def count_accessed_since(conn: sqlite3.Connection, since: float) -> int:
-    return conn.execute("SELECT count(*) FROM files WHERE last_access >= ?",
+    """Complete files accessed at or after ``since``: those used since, counted in
+    ``files_by_last_use`` alone (for a tracked file last use is last access), less the
+    untracked among them (used by their mtime or atime), from the directories holding any."""
+    used = conn.execute("SELECT count(*) FROM files WHERE partial = 0 AND last_use >= ?",
                         (since,)).fetchone()[0]
+    for in_dir, params in _dirs_with_untracked(conn):
+        used -= conn.execute(f"SELECT count(*) FROM files WHERE {in_dir} AND partial = 0 "
+                             "AND last_access IS NULL AND last_use >= ?",
+                             (*params, since)).fetchone()[0]
+    return used
 
 
 def dataset_groups(conn: sqlite3.Connection, dirs: Sequence[DirTotals]
@@ -507,14 +568,13 @@ def dataset_groups(conn: sqlite3.Connection, dirs: Sequence[DirTotals]
         if d.num_files == 0:
             continue
         if d.dataset == "*":
+            in_dir, params = _in_dir(d.relpath)
             for uuid, n, nbytes, last in conn.execute(
                     "SELECT uuid, count(*), sum(size_bytes), max(last_access) FROM files "
-                    "WHERE dir = ? AND partial = 0 GROUP BY uuid", (to_db(d.relpath),)):
+                    f"WHERE {in_dir} AND partial = 0 GROUP BY uuid", params):
                 add(uuid or d.relpath, n, nbytes, last)
             continue
-        last = conn.execute("SELECT max(last_access) FROM files WHERE dir = ?",
-                            (to_db(d.relpath),)).fetchone()[0]
-        add(d.dataset or d.relpath, d.num_files, d.file_bytes, last)
+        add(d.dataset or d.relpath, d.num_files, d.file_bytes, d.last_access)
     return groups
 
 

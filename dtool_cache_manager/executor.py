@@ -14,13 +14,15 @@ import os
 import sqlite3
 import stat
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .holds import (Holder, by_identifier, exclusive_gate, exclusive_gates, holders_in,
                     holders_of, live_holds)
 from .layout import MetaPaths, is_item_relpath
-from .ledger import ItemRow, Ledger
+from .ledger import ItemRow, Ledger, Removed
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +75,9 @@ def remove_item(ledger: Ledger, row: ItemRow, uri: Optional[str] = None) -> Remo
 
     Checked and unlinked under the item's exclusive gate.  The holds, not the ledger,
     decide: with a read-only view of the ledger (a full disk) the file still goes, and the
-    next reconcile drops its row.
+    next reconcile drops its row.  The ledger is written after the gate is released, as a
+    clean writes it (never wait for the ledger while holding a gate: a clean holds the
+    ledger while it waits for gates).
     """
     paths, relpath = ledger.paths, row.relpath
     abspath = os.path.join(paths.cache_dir, relpath)
@@ -85,40 +89,58 @@ def remove_item(ledger: Ledger, row: ItemRow, uri: Optional[str] = None) -> Remo
             return RemovalOutcome(relpath, False, holders=tuple(holders), reason="in use")
         try:
             st = os.lstat(abspath)
+            if not stat.S_ISREG(st.st_mode):
+                return RemovalOutcome(relpath, False, reason="not a regular file")
+            os.unlink(abspath)
+            outcome, ino = RemovalOutcome(relpath, True, freed_bytes=st.st_size), st.st_ino
         except FileNotFoundError:
-            _record(lambda: ledger.forget([relpath]), relpath)
-            return RemovalOutcome(relpath, False, reason=ALREADY_GONE)
-        if not stat.S_ISREG(st.st_mode):
-            return RemovalOutcome(relpath, False, reason="not a regular file")
-        os.unlink(abspath)
-        _record(lambda: ledger.forget([relpath]), relpath)
-    return RemovalOutcome(relpath, True, freed_bytes=st.st_size)
+            outcome, ino = RemovalOutcome(relpath, False, reason=ALREADY_GONE), None
+        removed_at = time.time()
+    _record(lambda: ledger.forget_removed([(relpath, removed_at, ino)]), relpath)
+    return outcome
 
 
-def forget_if_vanished(ledger: Ledger, row: ItemRow) -> bool:
-    """Reconcile: drop the row of a file deleted or moved behind our back.
+def forget_vanished(ledger: Ledger, rows: Sequence[ItemRow]) -> int:
+    """Reconcile: drop the rows of files deleted or moved behind our back; returns how many.
 
-    Done under the gate, and not while anyone holds the item (it may be fetching it again).
-    A row whose path leads outside the cache cannot be ours: it is dropped at once.
+    In batches, as a clean removes: under the items' gates and one snapshot of the holds, a
+    row goes only if its path holds nothing and nobody holds the item (it may be fetching
+    it again); the ledger is written after the gates are released.  A row whose path leads
+    outside the cache cannot be ours: it is dropped at once.
     """
     paths = ledger.paths
-    if not is_inside(paths.cache_dir, row.relpath):
-        logger.warning("dtool-cache-manager: dropping a ledger row whose path leaves the cache: "
-                       "%r", row.relpath)
-        ledger.forget([row.relpath])
-        return True
-    with exclusive_gate(paths, row.identifier):
-        if os.path.lexists(os.path.join(paths.cache_dir, row.relpath)):
-            return False
-        if holders_of(paths, row.identifier, uuid=row.uuid, relpath=row.relpath):
-            return False
-        ledger.forget([row.relpath])
-    return True
+    forgotten = 0
+    for start in range(0, len(rows), BATCH_SIZE):
+        batch = rows[start:start + BATCH_SIZE]
+        gone: List[Removed] = []
+        inside = []
+        for row in batch:
+            if is_inside(paths.cache_dir, row.relpath):
+                inside.append(row)
+            else:
+                logger.warning("dtool-cache-manager: dropping a ledger row whose path leaves "
+                               "the cache: %r", row.relpath)
+                gone.append((row.relpath, time.time(), None))
+        with exclusive_gates(paths, {row.identifier for row in inside}):
+            held = by_identifier(live_holds(paths))
+            removed_at = time.time()
+            gone += [(row.relpath, removed_at, None) for row in inside
+                     if not os.path.lexists(os.path.join(paths.cache_dir, row.relpath))
+                     and not holders_in(held.get(row.identifier, {}), row.identifier,
+                                        uuid=row.uuid, relpath=row.relpath)]
+        if gone:
+            ledger.forget_removed(gone, keep_newer=False)  # whatever its rows claim
+            forgotten += len(gone)
+    return forgotten
 
 
 # -- cleaning -------------------------------------------------------------------------
 
 BATCH_SIZE = 512  # removals decided under one set of gates and one snapshot of the holds
+# An unlink mostly waits for the filesystem: 100k take 21 s one at a time and 7-9 s four at
+# a time here.  Alongside the ledger's work a clean did best with one per core (2 cores:
+# 28 s with two, 32 s with four, 37 s with one; benchmarks/scale.py).
+UNLINK_THREADS = min(4, max(2, os.cpu_count() or 2))
 
 
 @dataclass(frozen=True)
@@ -155,21 +177,25 @@ class CleanPlan:
 
     def execute(self, ledger: Ledger,
                 progress: Optional[Callable[[PlannedRemoval], None]] = None) -> CleanResult:
+        """Remove the planned files in path order, so that a directory's files go together
+        and the ledger's rows are dropped in key order, while the ledger drops the previous
+        batch's rows (see :func:`remove_batch`)."""
+        done: Dict[str, RemovalOutcome] = {}
+        ordered = sorted(self.removals, key=lambda r: r.relpath)
+        with _LedgerUpdates(ledger) as updates, _Directories(self.paths.cache_dir) as folders, \
+                ThreadPoolExecutor(UNLINK_THREADS, "dtool-cache-unlink") as pool:
+            for start in range(0, len(ordered), BATCH_SIZE):
+                batch = ordered[start:start + BATCH_SIZE]
+                outcomes = remove_batch(self.paths, folders, pool, batch, updates.gone,
+                                        meanwhile=updates.record_pending)
+                for planned, outcome in zip(batch, outcomes):
+                    done[planned.relpath] = outcome
+                    if progress is not None:
+                        progress(planned)
         removed, skipped = [], []
-        gone: List[Tuple[str, float, Optional[int]]] = []
-        try:
-            with _Directories(self.paths.cache_dir) as folders:
-                for start in range(0, len(self.removals), BATCH_SIZE):
-                    batch = self.removals[start:start + BATCH_SIZE]
-                    for planned, outcome in zip(batch, remove_batch(self.paths, folders,
-                                                                    batch, gone)):
-                        (removed if outcome.removed else skipped).append(outcome)
-                        if progress is not None:
-                            progress(planned)
-        finally:
-            if gone:  # one transaction for the whole clean, even if it was interrupted
-                gone.sort()  # in key order: neighbouring rows share pages
-                _record(lambda: ledger.forget_removed(gone), f"{len(gone)} files")
+        for planned in self.removals:  # reported in the plan's order, as a dry run shows it
+            outcome = done[planned.relpath]
+            (removed if outcome.removed else skipped).append(outcome)
         for planned in self.stale_partials:
             try:
                 outcome = _remove_stale_partial(self.paths, planned.relpath)
@@ -183,6 +209,50 @@ class CleanPlan:
         return CleanResult(tuple(removed), tuple(skipped))
 
 
+class _LedgerUpdates:
+    """The ledger side of a clean: one transaction (:meth:`Ledger.recording_removals`)
+    that drops the rows of what is gone, a batch behind the unlinks, and commits at the
+    end, also when the clean is interrupted.  A ledger that cannot be written (disk full)
+    is reported once and the clean goes on: the files are gone, and the next reconcile
+    drops their rows."""
+
+    def __init__(self, ledger: Ledger):
+        self.ledger = ledger
+        self.gone: List[Removed] = []  # filled by remove_batch
+        self._recorded = 0
+        self._drop: Optional[Callable[[Sequence[Removed]], None]] = None
+        self._transaction = ExitStack()
+        self._failed = False
+
+    def __enter__(self) -> "_LedgerUpdates":
+        try:
+            self._drop = self._transaction.enter_context(self.ledger.recording_removals())
+        except sqlite3.Error as exc:
+            self._give_up(exc)
+        return self
+
+    def record_pending(self) -> None:
+        pending, self._recorded = self.gone[self._recorded:], len(self.gone)
+        if pending and self._drop is not None:
+            try:
+                self._drop(pending)
+            except sqlite3.Error as exc:
+                self._give_up(exc)
+
+    def __exit__(self, *_) -> None:
+        self.record_pending()
+        try:
+            self._transaction.close()  # commits
+        except sqlite3.Error as exc:
+            self._give_up(exc)
+
+    def _give_up(self, exc: sqlite3.Error) -> None:
+        if not self._failed:
+            logger.warning("dtool-cache-manager: could not update the ledger after removing "
+                           "files (%s); the next run reconciles it", exc)
+        self._failed, self._drop = True, None
+
+
 class _Directories:
     """Open handles on the cache's directories, each checked once to lie inside the cache.
 
@@ -191,7 +261,7 @@ class _Directories:
     cache, and no removal pays for resolving its whole path again.
     """
 
-    MAX_OPEN = 256
+    KEEP_OPEN = 128  # between batches; a batch may open up to BATCH_SIZE more
 
     def __init__(self, cache_dir: str):
         self.cache_dir = cache_dir
@@ -199,11 +269,10 @@ class _Directories:
         self._fds: Dict[str, Optional[int]] = {}
 
     def fd(self, folder: str) -> Optional[int]:
-        """A handle on ``folder`` (relative), or None if it is not a directory inside."""
+        """A handle on ``folder`` (relative), or None if it is not a directory inside.
+        It stays open until :meth:`trim`, so unlinks in flight can use it."""
         if folder in self._fds:
             return self._fds[folder]
-        if len(self._fds) >= self.MAX_OPEN:
-            self.close()
         try:
             fd = os.open(os.path.join(self.cache_dir, folder),
                          os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -214,6 +283,13 @@ class _Directories:
             fd = None
         self._fds[folder] = fd
         return fd
+
+    def trim(self) -> None:
+        """Between batches: close the least recently opened handles beyond KEEP_OPEN."""
+        for folder in list(self._fds)[:max(0, len(self._fds) - self.KEEP_OPEN)]:
+            fd = self._fds.pop(folder)
+            if fd is not None:
+                os.close(fd)
 
     def _really_inside(self, fd: int, folder: str) -> bool:
         try:
@@ -238,38 +314,56 @@ class _Directories:
         self.close()
 
 
-def remove_batch(paths: MetaPaths, folders: _Directories, batch: Sequence[PlannedRemoval],
-                 gone: List[Tuple[str, float, Optional[int]]]) -> List[RemovalOutcome]:
+def remove_batch(paths: MetaPaths, folders: _Directories, pool: ThreadPoolExecutor,
+                 batch: Sequence[PlannedRemoval], gone: List[Removed],
+                 meanwhile: Callable[[], None] = lambda: None) -> List[RemovalOutcome]:
     """Remove a batch of files, each unless a live process holds it; appends what is gone
-    from disk to ``gone`` as (relpath, removed_at, inode) for :meth:`Ledger.forget_removed`.
+    from disk to ``gone`` as (relpath, removed_at, inode) for the ledger.
 
     The same proof as :func:`remove_item`, paid once per batch: every item's exclusive gate
     is taken (in a fixed order, so two cleaners cannot deadlock), then the holds are read
     once; a hold taken after that read waits at its gate until the batch is done, and its
-    access then finds the file gone and fetches it again.  The ledger is written after the
-    gates are released, once per clean: an access after the removal is journalled later
-    than ``removed_at``, so its row is kept (see ``forget_removed``).
+    access then finds the file gone and fetches it again.  The unlinks run on ``pool``
+    (an unlink mostly waits for the filesystem, so a few at once take a third of the time)
+    while this thread runs ``meanwhile``: the ledger update of the previous batch.  That
+    update comes after the gates were released: an access after the removal is journalled
+    later than ``removed_at``, so its row is kept (see :meth:`Ledger.recording_removals`).
     """
+    folders.trim()  # no unlink is in flight now
     outcomes: List[Optional[RemovalOutcome]] = [None] * len(batch)
     todo = []
     for n, planned in enumerate(batch):
         folder = os.path.dirname(planned.relpath)
-        if not is_item_relpath(planned.relpath) or folders.fd(folder) is None:
+        dir_fd = folders.fd(folder) if is_item_relpath(planned.relpath) else None
+        if dir_fd is None:
             outcomes[n] = RemovalOutcome(planned.relpath, False,
                                          reason="path is outside the cache directory")
         else:
-            todo.append(n)
-    inodes: Dict[int, Optional[int]] = {}
-    with exclusive_gates(paths, {_gate_identifier(batch[n]) for n in todo}):
+            todo.append((n, dir_fd))
+    with exclusive_gates(paths, {_gate_identifier(batch[n]) for n, _ in todo}):
         held = by_identifier(live_holds(paths))
-        for n in todo:
-            planned = batch[n]
-            outcomes[n], inodes[n] = _unlink_unless_held(
-                folders.fd(os.path.dirname(planned.relpath)), planned, held)
-        removed_at = time.time()  # before any access can take a hold again
-    for n, ino in inodes.items():
-        if outcomes[n].removed or outcomes[n].reason == ALREADY_GONE:
-            gone.append((batch[n].relpath, removed_at, ino))
+        free = []
+        for n, dir_fd in todo:
+            holders = _holders(batch[n], held)
+            if holders:
+                outcomes[n] = RemovalOutcome(batch[n].relpath, False, holders=holders,
+                                             reason="in use")
+            else:
+                free.append((n, dir_fd))
+        shares = [share for share in (free[k::UNLINK_THREADS] for k in range(UNLINK_THREADS))
+                  if share]
+        unlinking = [pool.submit(_unlink_each, [(dir_fd, batch[n]) for n, dir_fd in share])
+                     for share in shares]
+        try:
+            meanwhile()
+        finally:
+            inodes = {}
+            for share, unlinked in zip(shares, unlinking):
+                for (n, _), (outcome, ino) in zip(share, unlinked.result()):
+                    outcomes[n], inodes[n] = outcome, ino
+            removed_at = time.time()  # before any access can take a hold again
+            gone.extend((batch[n].relpath, removed_at, ino) for n, ino in inodes.items()
+                        if outcomes[n].removed or outcomes[n].reason == ALREADY_GONE)
     return outcomes  # type: ignore[return-value]
 
 
@@ -277,15 +371,21 @@ def _gate_identifier(planned: PlannedRemoval) -> str:
     return planned.identifier or os.path.basename(planned.relpath)[:40]
 
 
-def _unlink_unless_held(dir_fd: int, planned: PlannedRemoval, held
-                        ) -> Tuple[RemovalOutcome, Optional[int]]:
-    """Under the gates: the outcome, and the inode removed (0 when the file was gone)."""
+def _holders(planned: PlannedRemoval, held) -> Tuple[Holder, ...]:
     identifier = _gate_identifier(planned)
-    holders = holders_in(held.get(identifier, {}), identifier, uuid=planned.uuid,
-                         relpath=planned.relpath if planned.uuid is not None else None)
-    if holders:
-        return RemovalOutcome(planned.relpath, False, holders=tuple(holders),
-                              reason="in use"), None
+    return tuple(holders_in(held.get(identifier, {}), identifier, uuid=planned.uuid,
+                            relpath=planned.relpath if planned.uuid is not None else None))
+
+
+def _unlink_each(jobs: Sequence[Tuple[int, PlannedRemoval]]
+                 ) -> List[Tuple[RemovalOutcome, Optional[int]]]:
+    return [_unlink_regular_file(dir_fd, planned) for dir_fd, planned in jobs]
+
+
+def _unlink_regular_file(dir_fd: int, planned: PlannedRemoval
+                         ) -> Tuple[RemovalOutcome, Optional[int]]:
+    """Under the gates, not held: the outcome, and the inode removed (0 when the file was
+    already gone)."""
     name = os.path.basename(planned.relpath)
     try:
         st = os.lstat(name, dir_fd=dir_fd)

@@ -22,7 +22,7 @@ from . import diskindex
 from .api import open_ledger
 from .diskindex import IndexedFile
 from .executor import (STALE_PARTIAL_SECONDS, CleanPlan, PlannedRemoval,
-                       forget_if_vanished, is_inside)
+                       forget_vanished, is_inside)
 from .holds import Holder, by_identifier, holders_in, live_holds
 from .layout import MetaPaths, sanitise_uri
 from .ledger import ItemRow, Ledger, from_db, to_db
@@ -136,14 +136,11 @@ def indexed(cache_dir: str, full_rescan: bool = False) -> Iterator[Indexed]:
             suspects += [from_db(r) for (r,) in conn.execute(
                 "SELECT relpath FROM items AS i WHERE NOT EXISTS "
                 "(SELECT 1 FROM files AS f WHERE f.relpath = i.relpath)")]
-        for relpath in sorted(set(suspects)):
-            row = ledger.item(relpath)
-            if row is None:
-                continue
-            if not is_inside(cache_dir, relpath):
-                result.dropped.append((relpath, STRAY_ROW))
-            if not ledger.readonly:
-                result.forgotten += _reconcile(ledger, row)
+        rows = [row for row in map(ledger.item, sorted(set(suspects))) if row is not None]
+        result.dropped += [(row.relpath, STRAY_ROW) for row in rows
+                           if not is_inside(cache_dir, row.relpath)]
+        if rows and not ledger.readonly:
+            result.forgotten += _reconcile(ledger, rows)
         yield result
 
 
@@ -160,7 +157,8 @@ def inventory(cache_dir: str, dataset: Optional[str] = None) -> Inventory:
         rows = {row.relpath: row for row in ledger.items() if row.relpath in on_disk}
         skipped = [s for d in diskindex.dir_totals(conn) for s in d.skipped] + index.dropped
         uris: Dict[str, List[str]] = {}
-        for relpath, uri in conn.execute("SELECT relpath, uri FROM item_uris ORDER BY uri"):
+        for relpath, uri in conn.execute("SELECT relpath, uri FROM item_uris "
+                                         "ORDER BY relpath, uri"):
             uris.setdefault(from_db(relpath), []).append(uri)
         partials = tuple(diskindex.partials(conn))
         lost = ledger.lost_records()
@@ -186,11 +184,12 @@ def _only_dataset(items: Sequence[ItemView], dataset: str, cache_dir: str
     return chosen
 
 
-def _reconcile(ledger, row: ItemRow) -> int:
+def _reconcile(ledger, rows: Sequence[ItemRow]) -> int:
     try:
-        return int(forget_if_vanished(ledger, row))
+        return forget_vanished(ledger, rows)
     except (OSError, sqlite3.Error) as exc:  # e.g. a full disk: report, reconcile later
-        logger.warning("dtool-cache-manager: could not reconcile %s (%s)", row.relpath, exc)
+        logger.warning("dtool-cache-manager: could not reconcile %d ledger rows (%s)",
+                       len(rows), exc)
         return 0
 
 

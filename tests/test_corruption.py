@@ -1,6 +1,7 @@
 """A damaged or old ledger: detected, moved aside with a warning, rebuilt from the disk and
 the journals; an old schema is upgraded in place.  No cached file is ever deleted for it."""
 
+import json
 import logging
 import os
 import sqlite3
@@ -93,8 +94,6 @@ def test_damaged_ledger_is_moved_aside_and_rebuilt(how, filled, cache_dir, make_
         assert "Traceback" not in summary.stderr
         assert any(n.startswith("ledger.sqlite3.corrupt-") for n in os.listdir(meta))
         assert _disk(cache_dir) == files_before  # nothing deleted because of corruption
-        import json
-
         data = json.loads(summary.stdout)
         assert data["num_items"] == 3  # the disk is the truth for what is cached
         # The live process's journal was folded into the new ledger: its 3 accesses count.
@@ -125,6 +124,41 @@ def test_schema_v1_is_upgraded_in_place(tmp_path):
             "SELECT value FROM meta WHERE key='schema_version'").fetchone() == (
             str(SCHEMA_VERSION),)
     assert not [n for n in os.listdir(meta) if "corrupt" in n]
+
+
+# What version 4 dropped or changed, to turn a ledger back into a version 3 one.
+TO_SCHEMA_V3 = """
+ALTER TABLE dirs DROP COLUMN last_access;
+DROP INDEX files_by_last_use;
+CREATE INDEX files_by_last_use ON files (last_use) WHERE partial = 0;
+CREATE INDEX files_by_dir ON files (dir, last_access);
+CREATE INDEX files_by_last_access ON files (last_access);
+CREATE INDEX item_uris_by_uri ON item_uris (uri);
+UPDATE meta SET value = '3' WHERE key = 'schema_version';
+"""
+
+
+def test_schema_v3_is_upgraded_in_place(filled, cache_dir, make_env):
+    """Version 4 drops three indexes every removal paid for; the figures stay the same."""
+    def report():
+        return [json.loads(subprocess.run(
+            ["dtool-cache", *args, "--json"], capture_output=True, text=True, check=True,
+            env=make_env(cache_dir)).stdout) for args in (["summary"], ["ls", "--sort",
+                                                                         "accessed"])]
+
+    before = report()
+    ledger_path = cache_dir / ".dtool-cache-manager" / "ledger.sqlite3"
+    with sqlite3.connect(ledger_path) as conn:
+        conn.executescript(TO_SCHEMA_V3)
+    assert report() == before
+    with sqlite3.connect(ledger_path) as conn:
+        indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master "
+                                              "WHERE type = 'index' AND sql IS NOT NULL")}
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'"
+                            ).fetchone() == (str(SCHEMA_VERSION),)
+        assert conn.execute("SELECT max(last_access) FROM dirs").fetchone()[0] is not None
+    assert indexes == {"items_by_identifier", "dirs_by_parent", "files_by_last_use"}
+    assert before[0]["num_items"] == 3 and len(before[1]) == 3
 
 
 @pytest.mark.parametrize("setup", [

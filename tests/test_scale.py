@@ -56,7 +56,9 @@ def cli(cache, *args):
 def assert_summary_matches_disk(cache, built_items):
     disk = disk_files(cache, partials=False)
     partial = {r: s for r, s in disk_files(cache).items() if r not in disk}
+    before = time.time()
     summary = cli(cache, "summary")
+    after = time.time()
     assert summary["total_size_bytes"] == sum(disk.values()) + sum(partial.values())
     du_total, not_files = SCALE.files_apparent_size(cache)
     assert summary["total_size_bytes"] == du_total - not_files
@@ -67,6 +69,14 @@ def assert_summary_matches_disk(cache, built_items):
     assert summary["untracked_size_bytes"] == sum(s for r, s in disk.items() if r not in tracked)
     assert sum(summary["age_distribution"].values()) == len(disk)
     assert summary["age_distribution"]["never tracked"] == len(disk) - len(tracked)
+    # Accessed within the last day, week, month: counted from the index alone, exactly
+    # (between the counts as of just before and just after the command).
+    accessed = [built_items[r].last_access for r in tracked]
+    reported = 0
+    for name, limit in report.AGE_BUCKETS:
+        reported += summary["age_distribution"][name]
+        assert sum(t >= after - limit for t in accessed) <= reported <= \
+            sum(t >= before - limit for t in accessed), name
     by_dir = {}
     for relpath, size in disk.items():
         by_dir.setdefault(os.path.dirname(relpath), []).append(size)
