@@ -19,8 +19,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .holds import (Holder, by_identifier, exclusive_gate, exclusive_gates, holders_in,
-                    holders_of, live_holds)
+from .holds import (Holder, by_identifier, exclusive_gate, exclusive_gates, holders_of,
+                    holders_of_file, live_holds)
 from .layout import MetaPaths, is_item_relpath
 from .ledger import ItemRow, Ledger, Removed
 
@@ -112,7 +112,7 @@ def forget_vanished(ledger: Ledger, rows: Sequence[ItemRow]) -> int:
     forgotten = 0
     for start in range(0, len(rows), BATCH_SIZE):
         batch = rows[start:start + BATCH_SIZE]
-        gone: List[Removed] = []
+        gone: List[str] = []
         inside = []
         for row in batch:
             if is_inside(paths.cache_dir, row.relpath):
@@ -120,16 +120,15 @@ def forget_vanished(ledger: Ledger, rows: Sequence[ItemRow]) -> int:
             else:
                 logger.warning("dtool-cache-manager: dropping a ledger row whose path leaves "
                                "the cache: %r", row.relpath)
-                gone.append((row.relpath, time.time(), None))
+                gone.append(row.relpath)
         with exclusive_gates(paths, {row.identifier for row in inside}):
             held = by_identifier(live_holds(paths))
             removed_at = time.time()
-            gone += [(row.relpath, removed_at, None) for row in inside
+            gone += [row.relpath for row in inside
                      if not os.path.lexists(os.path.join(paths.cache_dir, row.relpath))
-                     and not holders_in(held.get(row.identifier, {}), row.identifier,
-                                        uuid=row.uuid, relpath=row.relpath)]
+                     and not holders_of_file(held, row.identifier, row.uuid, row.relpath)]
         if gone:
-            ledger.forget_removed(gone, keep_newer=False)  # whatever its rows claim
+            ledger.forget(gone, removed_at)  # whatever its rows claim
             forgotten += len(gone)
     return forgotten
 
@@ -344,7 +343,8 @@ def remove_batch(paths: MetaPaths, folders: _Directories, pool: ThreadPoolExecut
         held = by_identifier(live_holds(paths))
         free = []
         for n, dir_fd in todo:
-            holders = _holders(batch[n], held)
+            holders = holders_of_file(held, _gate_identifier(batch[n]), batch[n].uuid,
+                                      batch[n].relpath)
             if holders:
                 outcomes[n] = RemovalOutcome(batch[n].relpath, False, holders=holders,
                                              reason="in use")
@@ -369,12 +369,6 @@ def remove_batch(paths: MetaPaths, folders: _Directories, pool: ThreadPoolExecut
 
 def _gate_identifier(planned: PlannedRemoval) -> str:
     return planned.identifier or os.path.basename(planned.relpath)[:40]
-
-
-def _holders(planned: PlannedRemoval, held) -> Tuple[Holder, ...]:
-    identifier = _gate_identifier(planned)
-    return tuple(holders_in(held.get(identifier, {}), identifier, uuid=planned.uuid,
-                            relpath=planned.relpath if planned.uuid is not None else None))
 
 
 def _unlink_each(jobs: Sequence[Tuple[int, PlannedRemoval]]

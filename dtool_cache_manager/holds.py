@@ -288,6 +288,16 @@ def holders_in(holds: Dict[Holder, FrozenSet[HoldKey]], identifier: Optional[str
     return sorted(found, key=lambda h: (h.user, h.host, h.pid))
 
 
+def holders_of_file(split: Dict[str, Dict[Holder, FrozenSet[HoldKey]]],
+                    identifier: Optional[str], uuid: Optional[str],
+                    relpath: str) -> Tuple[Holder, ...]:
+    """Holders of a cached file in a snapshot split by :func:`by_identifier`: by the exact
+    item when it is tracked (its UUID known), by identifier alone when not, which errs
+    towards keeping the file."""
+    return tuple(holders_in(split.get(identifier, {}), identifier, uuid=uuid,
+                            relpath=relpath if uuid is not None else None))
+
+
 def by_identifier(holds: Dict[Holder, FrozenSet[HoldKey]]
                   ) -> Dict[str, Dict[Holder, FrozenSet[HoldKey]]]:
     """A snapshot split by identifier, so that matching a million files against it costs a

@@ -23,7 +23,7 @@ from .api import open_ledger
 from .diskindex import IndexedFile
 from .executor import (STALE_PARTIAL_SECONDS, CleanPlan, PlannedRemoval,
                        forget_vanished, is_inside)
-from .holds import Holder, by_identifier, holders_in, live_holds
+from .holds import Holder, by_identifier, holders_of_file, live_holds
 from .layout import MetaPaths, sanitise_uri
 from .ledger import ItemRow, Ledger, from_db, to_db
 from .params import BadInput
@@ -198,15 +198,7 @@ def _normalise_dataset(value: str) -> str:
 
 
 def _holders(found: IndexedFile, holds) -> Tuple[Holder, ...]:
-    """Holders of a file: by exact item when tracked, by identifier alone when not."""
-    if found.identifier is None:
-        return ()
-    held = holds.get(found.identifier)
-    if not held:
-        return ()
-    if found.uuid is None:
-        return tuple(holders_in(held, found.identifier))
-    return tuple(holders_in(held, found.identifier, uuid=found.uuid, relpath=found.relpath))
+    return holders_of_file(holds, found.identifier, found.uuid, found.relpath)
 
 
 def _held_files(conn, holds) -> Dict[str, Tuple[IndexedFile, Tuple[Holder, ...]]]:
