@@ -15,7 +15,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from . import diskindex, holds, journal
 from .layout import (MetaPaths, ensure_dir, from_db, is_item_relpath, share_file, to_db,
@@ -23,11 +23,12 @@ from .layout import (MetaPaths, ensure_dir, from_db, is_item_relpath, share_file
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 CACHE_KIB = 262144  # page cache: a million-file index fits, so updates do not thrash
 # A removal is remembered this long, so that an access journalled before it and folded in
 # after it does not bring back the row (see _Batch); a later straggler is reconciled away.
 REMOVALS_KEPT_SECONDS = 86400.0
+COMMIT_EVERY = 8192  # rows a clean drops per transaction (see RemovalRecorder)
 
 Removed = Tuple[str, float, Optional[int]]  # (relpath, removed_at, inode or None)
 
@@ -38,10 +39,25 @@ def _add_dirs_last_access(conn: sqlite3.Connection) -> None:
     conn.execute("UPDATE dirs SET mtime_ns = NULL")  # the next refresh recounts them all
 
 
+def _rebuild(conn: sqlite3.Connection, table: str, definition: str) -> None:
+    """Copy ``table`` into its new definition (SQLite cannot alter a table's storage)."""
+    columns = ", ".join(r[1] for r in conn.execute(f"PRAGMA table_info({table})"))
+    if not columns:
+        return  # not made yet: the schema makes it as it is now
+    conn.execute(definition.format(name=f"{table}_new"))
+    conn.execute(f"INSERT INTO {table}_new ({columns}) SELECT {columns} FROM {table}")
+    conn.execute(f"DROP TABLE {table}")  # with its indexes and triggers
+    conn.execute(f"ALTER TABLE {table}_new RENAME TO {table}")
+
+
 # Upgrades from each older version, applied in order in one transaction (a step is SQL or a
 # function of the connection).  Version 3 adds the disk index (see :mod:`diskindex`); it is
 # derived, so the first refresh fills it.  Version 4 drops three indexes that every removal
 # paid for (a clean of 100k of a million items: 13.3 s of ledger statements became 7.3 s).
+# Version 5 stores items and removals by path (no rowid, so no second B-tree of paths),
+# indexes items by (uuid, identifier), which follows path order, instead of by identifier,
+# whose hash order made a clean dirty that index's pages at random, and counts removed rows
+# without a trigger.
 _MIGRATIONS = {
     1: ("ALTER TABLE items ADD COLUMN hash_function TEXT",
         "ALTER TABLE usage ADD COLUMN miss_bytes INTEGER NOT NULL DEFAULT 0"),
@@ -51,15 +67,17 @@ _MIGRATIONS = {
         """INSERT OR IGNORE INTO dataset_uris (uuid, uri)
            SELECT DISTINCT items.uuid, item_uris.uri FROM items JOIN item_uris USING (relpath)"""),
     3: (_add_dirs_last_access,
-        "DROP INDEX IF EXISTS item_uris_by_uri",  # items_by_identifier serves items_for
+        "DROP INDEX IF EXISTS item_uris_by_uri",  # the index of items serves items_for
         "DROP INDEX IF EXISTS files_by_dir",  # a directory's files are a primary key range
         "DROP INDEX IF EXISTS files_by_last_access",  # files_by_last_use serves instead
         "DROP INDEX IF EXISTS files_by_last_use"),  # made again on (partial, last_use): it
-}                                                   # then counts without reading rows
+                                                    # then counts without reading rows
+    4: (lambda conn: _rebuild(conn, "items", _ITEMS_TABLE),
+        lambda conn: _rebuild(conn, "removals", _REMOVALS_TABLE)),
+}
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS items (
+_ITEMS_TABLE = """
+CREATE TABLE IF NOT EXISTS {name} (
     relpath TEXT PRIMARY KEY,
     uuid TEXT NOT NULL,
     identifier TEXT NOT NULL,
@@ -74,8 +92,15 @@ CREATE TABLE IF NOT EXISTS items (
     manifest_size INTEGER,
     manifest_hash TEXT,
     hash_function TEXT
-);
-CREATE INDEX IF NOT EXISTS items_by_identifier ON items (identifier, uuid);
+) WITHOUT ROWID"""
+_REMOVALS_TABLE = """
+CREATE TABLE IF NOT EXISTS {name} (relpath TEXT PRIMARY KEY, removed_at REAL NOT NULL)
+WITHOUT ROWID"""
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+{_ITEMS_TABLE.format(name="items")};
+CREATE INDEX IF NOT EXISTS items_by_dataset ON items (uuid, identifier);
 CREATE TABLE IF NOT EXISTS item_uris (
     relpath TEXT NOT NULL, uri TEXT NOT NULL, PRIMARY KEY (relpath, uri)
 ) WITHOUT ROWID;
@@ -93,18 +118,18 @@ CREATE TABLE IF NOT EXISTS usage (
     fetch_seconds REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (hour, relpath, user, uri)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS removals (relpath TEXT PRIMARY KEY, removed_at REAL NOT NULL);
+{_REMOVALS_TABLE.format(name="removals")};
 CREATE TABLE IF NOT EXISTS journals (token TEXT PRIMARY KEY, offset INTEGER NOT NULL);
 """ + diskindex.SCHEMA
 
 
-# The number of ``items`` rows, kept by triggers: counting a million rows costs 0.1 s, and
-# every command compares it with the disk index's tracked files to catch stray rows.
+# The number of ``items`` rows: counting a million rows costs 0.1 s, and every command
+# compares it with the disk index's tracked files to catch stray rows.  Inserts are counted
+# by a trigger; removals by the one statement that deletes rows (:meth:`Ledger._drop_removed`),
+# which a trigger would cost a row update per row.
 _TRIGGERS = (
     """CREATE TRIGGER IF NOT EXISTS items_counted_in AFTER INSERT ON items BEGIN
          UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'item_rows'; END""",
-    """CREATE TRIGGER IF NOT EXISTS items_counted_out AFTER DELETE ON items BEGIN
-         UPDATE meta SET value = CAST(value AS INTEGER) - 1 WHERE key = 'item_rows'; END""",
 )
 
 
@@ -472,10 +497,12 @@ class Ledger:
 
     def items_for(self, uri: str, identifier: str) -> List[ItemRow]:
         """Rows of the files that (uri, identifier) was served from."""
-        cols = ", ".join(f"items.{c}" for c in ItemRow.__dataclass_fields__)
         return [_item_row(r) for r in self.conn.execute(
-            f"""SELECT {cols} FROM items JOIN item_uris USING (relpath)
-                WHERE item_uris.uri = ? AND items.identifier = ?""", (uri, identifier))]
+            f"""SELECT {_ITEM_COLUMNS} FROM items
+                WHERE relpath IN ({diskindex.PATHS_OF_IDENTIFIER}) AND EXISTS (
+                  SELECT 1 FROM item_uris
+                  WHERE item_uris.relpath = items.relpath AND item_uris.uri = ?)""",
+            (identifier, uri))]
 
     def uris_of(self, relpath: str) -> List[str]:
         return [r[0] for r in self.conn.execute(
@@ -495,26 +522,21 @@ class Ledger:
         self.forget_removed([(r, when, None) for r in relpaths], keep_newer=False)
 
     def forget_removed(self, removed: Sequence[Removed], keep_newer: bool = True) -> None:
-        """Drop the rows of removed files, given as (relpath, removed_at, inode), in one
-        transaction (see :meth:`recording_removals`)."""
-        with self.recording_removals(keep_newer) as record:
-            record(sorted(removed, key=lambda r: r[0]))
+        """Drop the rows of removed files, given as (relpath, removed_at, inode) (see
+        :meth:`recording_removals`)."""
+        with self.recording_removals(keep_newer) as recorder:
+            recorder.record(sorted(removed, key=lambda r: r[0]))
 
     @contextmanager
-    def recording_removals(self, keep_newer: bool = True
-                           ) -> Iterator[Callable[[Sequence[Removed]], None]]:
-        """One transaction in which a clean drops the rows of the files it removed, batch
-        by batch while it goes on unlinking (so the two overlap), given as (relpath,
-        removed_at, inode).  Committed at the end, also when the clean is interrupted:
-        what was recorded is true.  Batches in path order visit each B-tree page once.
-
-        With ``keep_newer``, a row whose last access is after its removal (the file was
-        fetched again meanwhile and that access already folded in) is kept, as is an index
-        row of a different inode (the new file, already indexed).
-        """
-        self.conn.execute("BEGIN IMMEDIATE")
+    def recording_removals(self, keep_newer: bool = True) -> Iterator["RemovalRecorder"]:
+        """Transactions in which a clean drops the rows of the files it removed, batch by
+        batch while it goes on unlinking (so the two overlap); committed at the end, also
+        when the clean is interrupted: what was recorded is true."""
+        recorder = RemovalRecorder(self, keep_newer)
         try:
-            yield lambda removed: self._drop_removed(removed, keep_newer)
+            recorder.ready()
+            yield recorder
+            recorder.ready()
             self.conn.execute("DELETE FROM removals WHERE removed_at < ?",
                               (time.time() - REMOVALS_KEPT_SECONDS,))
         finally:
@@ -527,17 +549,51 @@ class Ledger:
         conn = self.conn
         diskindex.stage_removed(conn, [(to_db(r), when, ino) for r, when, ino in removed])
         if keep_newer:
-            conn.execute("""DELETE FROM items WHERE relpath IN (
+            deleted = conn.execute("""DELETE FROM items WHERE relpath IN (
                               SELECT gone.relpath FROM temp.gone JOIN items USING (relpath)
                               WHERE coalesce(items.last_access, 0) <= gone.removed_at)""")
         else:
-            conn.execute("DELETE FROM items WHERE relpath IN (SELECT relpath FROM temp.gone)")
+            deleted = conn.execute(
+                "DELETE FROM items WHERE relpath IN (SELECT relpath FROM temp.gone)")
+        conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) - ? WHERE key = 'item_rows'",
+                     (deleted.rowcount,))
         for table in ("item_uris", "item_users"):
             conn.execute(f"""DELETE FROM {table} WHERE relpath IN (
                                SELECT relpath FROM temp.gone WHERE NOT EXISTS (
                                  SELECT 1 FROM items WHERE items.relpath = gone.relpath))""")
         conn.execute("INSERT OR REPLACE INTO removals SELECT relpath, removed_at FROM temp.gone")
         diskindex.note_removed(conn)
+
+
+class RemovalRecorder:
+    """Drops the ledger rows of removed files, given as (relpath, removed_at, inode), and
+    commits every :data:`COMMIT_EVERY` rows, so that a long clean lets the accesses'
+    compactions take turns and the ledger's checkpoints stay small and happen while it
+    unlinks, not all at its end.  Batches in path order visit each B-tree page once.
+
+    With ``keep_newer``, a row whose last access is after its removal (the file was fetched
+    again meanwhile and that access already folded in) is kept, as is an index row of a
+    different inode (the new file, already indexed).
+    """
+
+    def __init__(self, ledger: Ledger, keep_newer: bool):
+        self.ledger = ledger
+        self.keep_newer = keep_newer
+        self.pending = 0
+
+    def ready(self) -> None:
+        """Take the ledger's write lock again if a commit gave it up.  Call it where no
+        item gate is held: locks are taken ledger first, then gates."""
+        if not self.ledger.conn.in_transaction:
+            self.ledger.conn.execute("BEGIN IMMEDIATE")
+
+    def record(self, removed: Sequence[Removed]) -> None:
+        self.ready()
+        self.ledger._drop_removed(removed, self.keep_newer)
+        self.pending += len(removed)
+        if self.pending >= COMMIT_EVERY:
+            self.ledger.conn.execute("COMMIT")
+            self.pending = 0
 
 
 def _removal_times(conn: sqlite3.Connection, relpaths: Iterable[str]) -> Dict[str, float]:

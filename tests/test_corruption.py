@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import dtool_cache_manager as dcm
+from dtool_cache_manager import ledger as ledger_module
 from dtool_cache_manager.ledger import SCHEMA_VERSION
 
 ACCESS_ALL = ("import sys, dtoolcore\nds = dtoolcore.DataSet.from_uri(sys.argv[1])\n"
@@ -126,7 +127,25 @@ def test_schema_v1_is_upgraded_in_place(tmp_path):
     assert not [n for n in os.listdir(meta) if "corrupt" in n]
 
 
-# What version 4 dropped or changed, to turn a ledger back into a version 3 one.
+# What version 5 changed, to turn a ledger back into a version 4 one.
+TO_SCHEMA_V4 = f"""
+{ledger_module._ITEMS_TABLE.format(name="items_v4").replace("WITHOUT ROWID", "")};
+INSERT INTO items_v4 SELECT * FROM items;
+DROP TABLE items;
+ALTER TABLE items_v4 RENAME TO items;
+CREATE INDEX items_by_identifier ON items (identifier, uuid);
+CREATE TRIGGER items_counted_in AFTER INSERT ON items BEGIN
+  UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'item_rows'; END;
+CREATE TRIGGER items_counted_out AFTER DELETE ON items BEGIN
+  UPDATE meta SET value = CAST(value AS INTEGER) - 1 WHERE key = 'item_rows'; END;
+CREATE TABLE removals_v4 (relpath TEXT PRIMARY KEY, removed_at REAL NOT NULL);
+INSERT INTO removals_v4 SELECT * FROM removals;
+DROP TABLE removals;
+ALTER TABLE removals_v4 RENAME TO removals;
+UPDATE meta SET value = '4' WHERE key = 'schema_version';
+"""
+
+# What version 4 dropped or changed, to turn a version 4 ledger into a version 3 one.
 TO_SCHEMA_V3 = """
 ALTER TABLE dirs DROP COLUMN last_access;
 DROP INDEX files_by_last_use;
@@ -138,27 +157,45 @@ UPDATE meta SET value = '3' WHERE key = 'schema_version';
 """
 
 
-def test_schema_v3_is_upgraded_in_place(filled, cache_dir, make_env):
-    """Version 4 drops three indexes every removal paid for; the figures stay the same."""
+@pytest.mark.parametrize("downgrade", [[TO_SCHEMA_V4], [TO_SCHEMA_V4, TO_SCHEMA_V3]],
+                         ids=["v4", "v3"])
+def test_older_schema_is_upgraded_in_place(downgrade, filled, cache_dir, make_env):
+    """Version 4 drops three indexes every removal paid for, version 5 stores items by path
+    and counts their removal without a trigger; the figures stay the same, and the count of
+    rows stays right through a clean."""
+    env = make_env(cache_dir)
+
     def report():
         return [json.loads(subprocess.run(
             ["dtool-cache", *args, "--json"], capture_output=True, text=True, check=True,
-            env=make_env(cache_dir)).stdout) for args in (["summary"], ["ls", "--sort",
-                                                                         "accessed"])]
+            env=env).stdout) for args in (["summary"], ["ls", "--sort", "accessed"])]
+
+    def schema(kind):
+        return {r[0]: r[1] for r in conn.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = ? AND sql IS NOT NULL", (kind,))}
 
     before = report()
     ledger_path = cache_dir / ".dtool-cache-manager" / "ledger.sqlite3"
     with sqlite3.connect(ledger_path) as conn:
-        conn.executescript(TO_SCHEMA_V3)
+        for script in downgrade:
+            conn.executescript(script)
     assert report() == before
     with sqlite3.connect(ledger_path) as conn:
-        indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master "
-                                              "WHERE type = 'index' AND sql IS NOT NULL")}
+        indexes, triggers, tables = schema("index"), schema("trigger"), schema("table")
         assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'"
                             ).fetchone() == (str(SCHEMA_VERSION),)
         assert conn.execute("SELECT max(last_access) FROM dirs").fetchone()[0] is not None
-    assert indexes == {"items_by_identifier", "dirs_by_parent", "files_by_last_use"}
+    assert set(indexes) == {"items_by_dataset", "dirs_by_parent", "files_by_last_use"}
+    assert set(triggers) == {"items_counted_in"}
+    assert "WITHOUT ROWID" in tables["items"] and "WITHOUT ROWID" in tables["removals"]
     assert before[0]["num_items"] == 3 and len(before[1]) == 3
+
+    subprocess.run(["dtool-cache", "clean", "--retain-size", "0", "--yes"], check=True,
+                   capture_output=True, env=env)
+    with sqlite3.connect(ledger_path) as conn:
+        assert conn.execute("SELECT value, (SELECT count(*) FROM items) FROM meta "
+                            "WHERE key = 'item_rows'").fetchone() == ("0", 0)
+    assert report()[0]["num_items"] == 0
 
 
 @pytest.mark.parametrize("setup", [
