@@ -23,7 +23,8 @@ Why rounds: on this VM one unlink loop over the same number of files took 11 s a
 few minutes apart, so one clean against one loop could say 1.4x or 1.9x of the same code.
 
 Each timing is of the real command in a subprocess, start-up included; the median of
-``--repeat`` runs (the clean and the unlink: of ``--clean-rounds`` pairs).  It checks the targets:
+``--repeat`` runs (the clean and the unlink: of ``--clean-rounds`` pairs).  It checks the
+targets:
 summary at least 5x faster than ``du -sb`` and its total equal to du's apparent size of the
 files, ls under 0.3 s, clean at most 1.5x the bare unlink.
 
@@ -156,7 +157,8 @@ def bare_unlink_seconds(twin_dir: str, relpaths: List[str]) -> float:
     return elapsed
 
 
-def run(n_items: int, n_dirs: int, repeat: int, clean_rounds: int, workdir: str) -> Tuple[List[List[str]], bool]:
+def run(n_items: int, n_dirs: int, repeat: int, clean_rounds: int,
+        workdir: str) -> Tuple[List[List[str]], bool]:
     cache_dir = os.path.join(workdir, "cache")
     env = dict(os.environ, DTOOL_CACHE_DIRECTORY=cache_dir)
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # as installed: byte code cached after one run
@@ -189,7 +191,7 @@ def run(n_items: int, n_dirs: int, repeat: int, clean_rounds: int, workdir: str)
 
     order = lru_first(items)
     n_remove = n_items // 10
-    rounds = []  # (clean seconds, unlink seconds, files removed, bytes freed)
+    rounds = []  # (clean seconds, unlink seconds)
     after_clean = []  # (seconds, items) of the summary that follows each clean
     removed_ok = True
     for r in range(clean_rounds):
@@ -197,11 +199,10 @@ def run(n_items: int, n_dirs: int, repeat: int, clean_rounds: int, workdir: str)
         retain = sum(i.size for i in order[(r + 1) * n_remove:])
         clean_seconds, out = timed(dtool_cache + ["clean", "--retain-size", str(retain),
                                                   "--yes", "--json"], env)
-        cleaned = json.loads(out)
-        removed = cleaned["removed"]
+        removed = json.loads(out)["removed"]
         removed_ok &= sorted(removed) == sorted(i.relpath for i in expected)
         unlink_seconds = bare_unlink_seconds(twin_dir, removed)
-        rounds.append((clean_seconds, unlink_seconds, len(removed), cleaned["freed_bytes"]))
+        rounds.append((clean_seconds, unlink_seconds))
         print(f"  round {r + 1}: clean {clean_seconds:.2f} s, bare unlink "
               f"{unlink_seconds:.2f} s ({clean_seconds / unlink_seconds:.2f}x)", flush=True)
         # The clean changed every directory; the next command rescans them (so each clean
@@ -209,9 +210,9 @@ def run(n_items: int, n_dirs: int, repeat: int, clean_rounds: int, workdir: str)
         after_seconds, out = timed(dtool_cache + ["summary", "--json"], env)
         after_clean.append((after_seconds, json.loads(out)["num_items"]))
     after_seconds = statistics.median(t for t, _ in after_clean)
-    clean_seconds = statistics.median(c for c, _, _, _ in rounds)
-    unlink_seconds = statistics.median(u for _, u, _, _ in rounds)
-    ratios = ", ".join(f"{c / u:.2f}" for c, u, _, _ in rounds)
+    clean_seconds = statistics.median(c for c, _ in rounds)
+    unlink_seconds = statistics.median(u for _, u in rounds)
+    ratios = ", ".join(f"{c / u:.2f}" for c, u in rounds)
 
     files_total = du_total - dir_bytes
     checks = {
@@ -240,8 +241,8 @@ def run(n_items: int, n_dirs: int, repeat: int, clean_rounds: int, workdir: str)
          f"{clean_seconds / unlink_seconds:.2f}x the bare unlink",
          f"{n_remove:,} files per clean; rounds {ratios}x"],
         ["bare os.unlink of the same files (baseline, median)", f"{unlink_seconds:.2f}", "",
-         "clean: " + ", ".join(f"{c:.1f}" for c, _, _, _ in rounds)
-         + " s; unlink: " + ", ".join(f"{u:.1f}" for _, u, _, _ in rounds) + " s"],
+         "clean: " + ", ".join(f"{c:.1f}" for c, _ in rounds)
+         + " s; unlink: " + ", ".join(f"{u:.1f}" for _, u in rounds) + " s"],
         ["dtool cache summary --json (dtool-cli, for reference)", f"{dtool_seconds:.2f}",
          "", "dtool-cli start-up included"],
         ["first summary: folds the journal, builds the index", f"{first:.2f}", "",
