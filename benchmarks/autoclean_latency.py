@@ -4,7 +4,7 @@ The post hook calls ``after_miss`` after every miss.  This times its three paths
 process, against a temporary cache:
 
 - no limit set (the default): settings looked up, nothing else;
-- a limit set, no clean due: one ``stat`` of the state file;
+- a limit set, no clean due: one ``stat`` of the log, whose last line is the last run;
 - a clean due: take the lock, start the detached child, return (the child is then waited
   for here, outside the timing, by blocking on its lock).
 
@@ -23,8 +23,7 @@ import time
 
 import dtoolcore.utils
 
-from dtool_cache_manager import housekeeping as hk
-from dtool_cache_manager.layout import ensure_dir
+from dtool_cache_manager import cachefs, housekeeping as hk
 
 
 def timed(fn, n):
@@ -36,8 +35,8 @@ def timed(fn, n):
     return statistics.median(samples), max(samples)
 
 
-def wait_for_run(files):
-    fd = os.open(files.lock, os.O_RDONLY)
+def wait_for_run(meta_dir):
+    fd = os.open(os.path.join(meta_dir, cachefs.AUTOCLEAN_LOCK), os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_EX)
     os.close(fd)
 
@@ -47,8 +46,8 @@ def main():
     dtoolcore.utils.DEFAULT_CONFIG_PATH = os.path.join(tmp, "dtool.json")  # no user config
     os.environ["HOME"] = tmp
     cache = os.path.join(tmp, "cache")
-    files = hk.files_of(cache)
-    ensure_dir(files.meta.meta_dir)
+    cachefs.open_cache(cache, make_root=True).close()  # the bookkeeping, as a first access
+    files = os.path.join(cache, ".dtool-cache-manager")
     for key in ("DTOOL_CACHE_MAX_SIZE", "DTOOL_CACHE_MAX_AGE"):
         os.environ.pop(key, None)
 
@@ -64,7 +63,7 @@ def main():
 
     def start_one():
         wait_for_run(files)
-        os.unlink(files.state)  # "never measured" again, so the next miss starts a run
+        os.truncate(os.path.join(files, cachefs.AUTOCLEAN_LOG), 0)  # "never measured" again
         t0 = time.perf_counter()
         hk.after_miss(cache, 1)
         return time.perf_counter() - t0

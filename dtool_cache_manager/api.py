@@ -16,10 +16,10 @@ import time
 from contextlib import contextmanager
 from typing import Iterator, List, Optional
 
-from . import diskindex, executor
-from .holds import holders_of
-from .layout import MetaPaths, resolve_cache_dir, sanitise_uri
-from .ledger import ItemRow, Ledger, LedgerError, is_corruption, move_aside
+from . import cachefs, diskindex, executor
+from .holds import live_holds
+from .layout import resolve_cache_dir, sanitise_uri
+from .ledger import ItemRow, Ledger, LedgerError, UnsafeLedger, is_corruption, move_aside
 
 logger = logging.getLogger(__name__)
 
@@ -30,48 +30,75 @@ def open_ledger(cache_dir: Optional[str] = None) -> Iterator[Ledger]:
 
     If we may not write it (a read-only member of a shared cache) or cannot (a full disk),
     the journals are folded into a private in-memory copy instead, with a warning for the
-    latter.  A ledger found damaged while folding is moved aside and rebuilt.
+    latter.  A ledger found damaged while folding is moved aside and rebuilt.  Where the
+    ledger could be swapped by a member (see ``docs/security.rst``), raises
+    :class:`~dtool_cache_manager.errors.UnsafeCache` with a one-line reason.
     """
-    paths = MetaPaths(resolve_cache_dir(cache_dir))
-    ledger = _open(paths, readonly=not _writable(paths))
+    path = resolve_cache_dir(cache_dir)
+    cache = cachefs.open_cache(path, repair=True) if os.path.isdir(path) \
+        else cachefs.absent(path)
+    try:
+        ledger = _open(cache, readonly=not _writable(cache))
+    except BaseException:
+        cache.close()
+        raise
     try:
         yield ledger
     finally:
         ledger.close()
+        cache.close()
 
 
-def _open(paths: MetaPaths, readonly: bool) -> Ledger:
+def _open(cache: cachefs.CacheDir, readonly: bool) -> Ledger:
     try:
-        ledger = Ledger(paths, readonly=readonly)
+        ledger = Ledger(cache, readonly=readonly)
+    except UnsafeLedger:
+        raise
     except LedgerError as exc:
         if readonly:
             raise
-        logger.warning("dtool-cache-manager: %s; showing a read-only view", exc)
-        return _open(paths, readonly=True)
+        if cache.can_write_meta or "readonly" not in str(exc):
+            logger.warning("dtool-cache-manager: %s; showing a read-only view", exc)
+        return _open(cache, readonly=True)
     try:
         ledger.compact()
     except sqlite3.DatabaseError as exc:
         ledger.close()
         if readonly:
-            raise LedgerError(f"cannot read ledger {paths.ledger}: {exc}") from exc
+            raise LedgerError(f"cannot read ledger {cache.ledger_path}: {exc}") from exc
         if not is_corruption(exc):  # e.g. a full disk
             logger.warning("dtool-cache-manager: could not fold the journals into %s (%s); "
-                           "figures may lag until it can be written", paths.ledger, exc)
-            return _open(paths, readonly=True)
-        move_aside(paths.ledger, exc)
-        ledger = Ledger(paths)
+                           "figures may lag until it can be written", cache.ledger_path, exc)
+            return _open(cache, readonly=True)
+        move_aside(cache, exc)
+        ledger = Ledger(cache)
         ledger.compact()
     return ledger
 
 
-def _writable(paths: MetaPaths) -> bool:
-    target = paths.meta_dir if os.path.isdir(paths.meta_dir) else paths.cache_dir
-    return os.access(target, os.W_OK)
+def _writable(cache: cachefs.CacheDir) -> bool:
+    """May we write the ledger?  Its owner may; a member may write an existing one."""
+    if cache.meta_fd is None:
+        return False
+    if cache.can_write_meta:
+        return True
+    st = cachefs.entry_stat(cache.meta_fd, cachefs.LEDGER)
+    return st is not None and os.access(cache.ledger_path, os.W_OK)
+
+
+def _check_item(uri: str, identifier: str) -> str:
+    """The normalised URI; TypeError or ValueError for what cannot name an item."""
+    if not isinstance(identifier, str):
+        raise TypeError(f"an item identifier must be a string, not {type(identifier).__name__}")
+    if not identifier:
+        raise ValueError("empty item identifier")
+    return sanitise_uri(uri)
 
 
 def _rows(uri: str, identifier: str, cache_dir: Optional[str]) -> List[ItemRow]:
+    uri = _check_item(uri, identifier)
     with open_ledger(cache_dir) as ledger:
-        return ledger.items_for(sanitise_uri(uri), identifier)
+        return ledger.items_for(uri, identifier)
 
 
 def num_times_accessed(uri: str, identifier: str, cache_dir: Optional[str] = None) -> int:
@@ -98,9 +125,16 @@ def num_days_since_last_accessed(uri: str, identifier: str,
 
 
 def cache_item_lock_counter(uri: str, identifier: str, cache_dir: Optional[str] = None) -> int:
-    """Number of live processes holding the item; a killed process stops counting at once."""
-    paths = MetaPaths(resolve_cache_dir(cache_dir))
-    return len(holders_of(paths, identifier, uri=sanitise_uri(uri)))
+    """Number of live processes holding the item's cached files; a killed process stops
+    counting at once."""
+    uri = _check_item(uri, identifier)
+    with open_ledger(cache_dir) as ledger:
+        holds = live_holds(ledger.cache)
+        relpaths = {row.relpath for row in ledger.items_for(uri, identifier)}
+        # A file held but not yet journalled (its first fetch in progress) has no row yet.
+        relpaths.update(p for p in holds.paths if p.rsplit("/", 1)[-1].startswith(identifier)
+                        and ledger.item(p) is None)
+    return len({h for relpath in relpaths for h in holds.holders_of(relpath)})
 
 
 def remove_cache_item_safely(uri: str, identifier: str, cache_dir: Optional[str] = None) -> bool:
@@ -109,10 +143,10 @@ def remove_cache_item_safely(uri: str, identifier: str, cache_dir: Optional[str]
     Returns True if a file was removed.  The check and the unlink happen under the item's
     exclusive gate, so no access can take a hold in between.
     """
-    uri = sanitise_uri(uri)
+    uri = _check_item(uri, identifier)
     with open_ledger(cache_dir) as ledger:
         rows = ledger.items_for(uri, identifier)
-        outcomes = [executor.remove_item(ledger, row, uri=uri) for row in rows]
+        outcomes = [executor.remove_item(ledger, row) for row in rows]
     return any(o.removed for o in outcomes)
 
 
@@ -120,7 +154,8 @@ def release(uri: str, identifier: str, cache_dir: Optional[str] = None) -> int:
     """Stop this process holding the item, so a cleaner may take it; returns holds released."""
     from . import tracking
 
-    return tracking.release(resolve_cache_dir(cache_dir), sanitise_uri(uri), identifier)
+    uri = _check_item(uri, identifier)
+    return tracking.release(resolve_cache_dir(cache_dir), uri, identifier)
 
 
 def hold_scope(*args, **kwargs):

@@ -16,17 +16,18 @@ import click
 from . import __version__, audit as audit_mod, formatting, housekeeping, report
 from . import settings as settings_mod
 from .api import open_ledger
+from .errors import CacheManagerError
 from .layout import resolve_cache_dir
-from .ledger import LedgerError
 from .params import AGE, SIZE, BadInput
 from .policies import POLICIES, Rules
+from .privileges import work_as_cache_owner
 
 _CONTEXT = dict(help_option_names=["-h", "--help"])
 DEFAULT_AGE = "30d"
 PROGRESS_THRESHOLD = 200  # removals before a progress bar is worth showing
 
 cache_dir_option = click.option(
-    "--cache-dir", type=click.Path(file_okay=False), default=None,
+    "--cache-dir", default=None, metavar="DIR",
     help="Cache directory (default: DTOOL_CACHE_DIRECTORY, then dtool.json, then "
          "~/.cache/dtool).")
 json_option = click.option("--json", "as_json", is_flag=True,
@@ -35,9 +36,19 @@ dataset_option = click.option("--dataset", metavar="URI-OR-UUID",
                               help="Only this dataset's items.")
 
 
+DEBUG_ENV = "DTOOL_CACHE_MANAGER_DEBUG"
+INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug of ours, or shared state we failed to foresee
+
+
+class _InternalError(click.ClickException):
+    exit_code = INTERNAL_ERROR
+
+
 class _OneLineErrors(click.Group):
     """Turn click's own usage errors in our subcommands (a bad --limit, an unknown option)
-    into one-line errors, like ours; this works under ``dtool cache`` as well."""
+    into one-line errors, like ours; this works under ``dtool cache`` as well.  Anything
+    unforeseen (a bug, or something in the shared cache we did not expect) is one line too,
+    with its own exit status; ``DTOOL_CACHE_MANAGER_DEBUG=1`` shows the traceback."""
 
     def invoke(self, ctx):
         try:
@@ -45,6 +56,13 @@ class _OneLineErrors(click.Group):
         except click.UsageError as exc:
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
             raise BadInput(exc.format_message() + hint) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the last resort: never a traceback
+            if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+                raise
+            raise _InternalError(f"internal error: {exc!r} (set {DEBUG_ENV}=1 to see where; "
+                                 "please report it)") from None
 
 
 @click.group(cls=_OneLineErrors, context_settings=_CONTEXT)
@@ -65,10 +83,11 @@ def cache():
                    "files rewritten in place, which a directory's mtime does not show).")
 def summary(cache_dir, as_json, rescan):
     """How much space the cache uses, what is in it, and what is in use."""
-    directory = resolve_cache_dir(cache_dir)
+    limits = _settings_or_none()  # read as ourselves, before working as the cache's owner
+    directory = _cache_directory(cache_dir)
     result = _guarded(report.summarize, directory, None, rescan)
-    click.echo(formatting.render_summary(result, as_json,
-                                         housekeeping=housekeeping.status(directory)))
+    status = _guarded(housekeeping.status, directory, *limits)
+    click.echo(formatting.render_summary(result, as_json, housekeeping=status))
 
 
 @cache.command(name="ls")
@@ -77,13 +96,15 @@ def summary(cache_dir, as_json, rescan):
 @dataset_option
 @click.option("--sort", default="accessed", show_default=True,
               metavar="size|accessed|count|name[:asc|desc]", help="Sort order.")
-@click.option("--limit", type=click.IntRange(min=0), default=None, help="Show at most N items.")
+@click.option("--limit", type=click.IntRange(min=0, max=sys.maxsize), default=None,
+              help="Show at most N items.")
 @click.option("--in-use", is_flag=True, help="Only items a live process holds.")
 @click.option("--untracked", is_flag=True, help="Only files no hook has seen.")
 def ls(cache_dir, as_json, dataset, sort, limit, in_use, untracked):
     """List cached items with their usage."""
     report.parse_sort(sort)  # bad input fails before any work
-    items = _guarded(report.list_cached, resolve_cache_dir(cache_dir), sort, limit, in_use,
+    _check_dataset(dataset)
+    items = _guarded(report.list_cached, _cache_directory(cache_dir), sort, limit, in_use,
                      untracked, dataset)
     click.echo(formatting.render_items(items, as_json))
 
@@ -98,7 +119,8 @@ def ls(cache_dir, as_json, dataset, sort, limit, in_use, untracked):
 @click.option("--retain-size", type=SIZE, metavar="SIZE",
               help="Remove least recently used items until the cache holds at most SIZE "
                    "(1TB, 500MiB, 0).")
-@click.option("--exclude-frequently-accessed", type=click.IntRange(min=1), metavar="N",
+@click.option("--exclude-frequently-accessed", type=click.IntRange(min=1, max=2 ** 62),
+              metavar="N",
               help="Never remove items accessed N or more times.")
 @click.option("--policy", type=click.Choice(POLICIES), default="lru", show_default=True,
               help="Which items --retain-size removes first: least recently used, least "
@@ -118,9 +140,8 @@ def clean(cache_dir, as_json, dataset, remove_all, older_than, retain_size,
                        or exclude_frequently_accessed is not None):
         raise BadInput("--all removes everything not in use; it cannot be combined with "
                        "--older-than, --retain-size or --exclude-frequently-accessed")
-    directory = resolve_cache_dir(cache_dir)
-    if not os.path.isdir(directory):
-        raise BadInput(f"cache directory {directory} does not exist")
+    _check_dataset(dataset)
+    directory = _cache_directory(cache_dir, must_exist=True)
     if not (dry_run or os.access(directory, os.W_OK)):
         raise BadInput(f"cannot clean {directory}: you may not write to it")
     rules = Rules(remove_all=remove_all, older_than_seconds=older_than,
@@ -143,17 +164,17 @@ def clean(cache_dir, as_json, dataset, remove_all, older_than, retain_size,
         if not (plan.removals or plan.stale_partials):
             return
         click.confirm("Proceed?", default=False, abort=True)
-    with open_ledger(directory) as ledger:
-        result = _execute(plan, ledger, show_progress=not as_json)
+    result = _guarded(_execute, plan, directory, not as_json)
     click.echo(formatting.render_clean_result(plan, result, note if yes else None, as_json))
 
 
-def _execute(plan, ledger, show_progress: bool):
+def _execute(plan, directory, show_progress: bool):
     todo = plan.removals + plan.stale_partials
-    if show_progress and sys.stdout.isatty() and len(todo) >= PROGRESS_THRESHOLD:
-        with click.progressbar(length=len(todo), label="Removing") as bar:
-            return plan.execute(ledger, progress=lambda _: bar.update(1))
-    return plan.execute(ledger)
+    with open_ledger(directory) as ledger:
+        if show_progress and sys.stdout.isatty() and len(todo) >= PROGRESS_THRESHOLD:
+            with click.progressbar(length=len(todo), label="Removing") as bar:
+                return plan.execute(ledger, progress=lambda _: bar.update(1))
+        return plan.execute(ledger)
 
 
 @cache.command(name="audit")
@@ -165,7 +186,7 @@ def _execute(plan, ledger, show_progress: bool):
 def audit_command(cache_dir, as_json, by, since):
     """Who used the cache, how often it hit, and the time it saved."""
     since_time = None if since is None else time.time() - since
-    directory = resolve_cache_dir(cache_dir)
+    directory = _cache_directory(cache_dir)
     rows = _guarded(_audit_rows, directory, by, since_time)
     click.echo(formatting.render_audit(rows, audit_mod.totals(rows), by, as_json))
 
@@ -187,9 +208,9 @@ def verify_command(cache_dir, as_json, check_hash, fix):
 
     Exits with status 1 if any file is missing, truncated or corrupt and was not fixed.
     """
-    from . import verify as verify_mod  # loads dtoolcore's hashers: only here
+    from . import verify as verify_mod
 
-    directory = resolve_cache_dir(cache_dir)
+    directory = _cache_directory(cache_dir)
     results = _guarded(_verify_results, directory, check_hash, fix)
     click.echo(formatting.render_verify(results, as_json))
     if any(r.status not in (verify_mod.OK, verify_mod.UNVERIFIABLE) and not r.fixed
@@ -279,7 +300,6 @@ def autoclean_command(cache_dir, as_json):
     are kept.  The run is logged like an automatic one.  Exits with status 1 if the run
     failed, or if an automatic clean is running already.
     """
-    directory = resolve_cache_dir(cache_dir)
     try:
         limits = settings_mod.load()
     except settings_mod.SettingsError as exc:
@@ -287,12 +307,11 @@ def autoclean_command(cache_dir, as_json):
     if not limits.limits_set:
         raise BadInput(f"no limit set: set {settings_mod.MAX_SIZE} or {settings_mod.MAX_AGE} "
                        "(e.g. 'dtool cache config DTOOL_CACHE_MAX_SIZE 50GB')")
-    if not os.path.isdir(directory):
-        raise BadInput(f"cache directory {directory} does not exist")
+    directory = _cache_directory(cache_dir, must_exist=True)
     if not os.access(directory, os.W_OK):
         raise BadInput(f"cannot clean {directory}: you may not write to it")
     try:
-        record = housekeeping.run_now(directory, limits)
+        record = _guarded(housekeeping.run_now, directory, limits)
     except housekeeping.Busy as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(formatting.render_autoclean(record, as_json))
@@ -301,8 +320,40 @@ def autoclean_command(cache_dir, as_json):
 
 
 def _guarded(fn, *args):
-    """Turn the ledger's own errors into one-line messages."""
+    """Turn our own errors (the ledger, an unsafe cache) into one-line messages."""
     try:
         return fn(*args)
-    except LedgerError as exc:
-        raise click.ClickException(str(exc))
+    except CacheManagerError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _cache_directory(option, must_exist: bool = False) -> str:
+    """The cache directory to work on, checked; then, as root, the cache's owner's rights
+    (see :mod:`privileges`).  A directory named with ``--cache-dir`` must exist; dtool's
+    configured one may not exist yet (the brokers make it: so do we)."""
+    try:
+        directory = resolve_cache_dir(option)
+    except (TypeError, ValueError) as exc:
+        raise BadInput(str(exc)) from None
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise BadInput(f"{directory} is not a directory")
+    if not os.path.isdir(directory) and (must_exist or option is not None):
+        raise BadInput(f"cache directory {directory} does not exist")
+    _guarded(work_as_cache_owner, directory)
+    return directory
+
+
+def _check_dataset(dataset) -> None:
+    if dataset is not None:
+        try:
+            report.normalise_dataset(dataset)
+        except (TypeError, ValueError) as exc:
+            raise BadInput(str(exc)) from None
+
+
+def _settings_or_none():
+    """(settings, None) or (None, the one-line error)."""
+    try:
+        return settings_mod.load(), None
+    except settings_mod.SettingsError as exc:
+        return None, str(exc)

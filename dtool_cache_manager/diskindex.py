@@ -30,7 +30,9 @@ import time
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
-from .layout import META_DIRNAME, from_db, to_db
+from . import cachefs
+from .cachefs import CacheDir, Refused
+from .layout import META_DIRNAME, from_db, row_ok, to_db
 
 PARTIAL_SUFFIX = ".tmp"
 RACY_SECONDS = 2.0  # coarse filesystem clocks tick in 4-10 ms; some network ones in 1-2 s
@@ -144,10 +146,12 @@ def _in_dir(rel: str) -> Tuple[str, tuple]:
 # -- refresh ---------------------------------------------------------------------------
 
 
-def refresh(conn: sqlite3.Connection, cache_dir: str, full: bool = False,
+def refresh(conn: sqlite3.Connection, cache: CacheDir, full: bool = False,
             now: Optional[float] = None) -> Refresh:
     """Bring the index up to date with the disk; cheap when little changed.
 
+    Every directory is reached from the cache root without following links (see
+    :mod:`cachefs`), so a directory swapped for a link is seen as gone, never listed.
     Runs in its own transaction unless the caller has one open.
     """
     now = time.time() if now is None else now
@@ -156,54 +160,62 @@ def refresh(conn: sqlite3.Connection, cache_dir: str, full: bool = False,
     known.setdefault("", None)
     changed: List[Tuple[str, os.stat_result]] = []
     gone: List[str] = []
-    for rel, mtime_ns in known.items():
-        try:
-            st = os.lstat(os.path.join(cache_dir, rel) if rel else cache_dir)
-        except (FileNotFoundError, NotADirectoryError):
-            gone.append(rel)
-            continue
-        except PermissionError:
-            continue  # a parent we may not search: its rescan reports it
-        if not stat.S_ISDIR(st.st_mode):
-            gone.append(rel)
-        elif full or mtime_ns is None or st.st_mtime_ns != mtime_ns:
-            changed.append((rel, st))
-    if not changed and not gone:
-        return Refresh(0, 0, ())
-    scanner = _Scanner(conn, cache_dir, now, full)
-    own_transaction = not conn.in_transaction
-    if own_transaction:
-        conn.execute("BEGIN IMMEDIATE")
-    try:
-        if fresh_index:
-            conn.execute("INSERT OR IGNORE INTO dirs (relpath, parent) VALUES ('', NULL)")
-            for name, _ in _SECONDARY_INDEXES:  # built once at the end: several times faster
-                conn.execute(f"DROP INDEX IF EXISTS {name}")
-        for rel in sorted(gone, key=len):
-            scanner.drop_dir(rel)
-        queue = list(changed)
-        while queue:
-            rel, st = queue.pop()
-            queue.extend(scanner.rescan(rel, st))
-        if fresh_index:  # rows from before the index existed whose files are gone
-            for _, statement in _SECONDARY_INDEXES:
-                conn.execute(statement)
-            scanner.vanished.update(r for (r,) in conn.execute(
-                "SELECT relpath FROM items WHERE relpath NOT IN (SELECT relpath FROM files)"))
-    except BaseException:
+    with cachefs.Dirs(cache.root_fd) as dirs:
+        for rel, mtime_ns in sorted(known.items()):
+            dirs.trim()
+            try:
+                if not cache.exists:
+                    raise FileNotFoundError(cache.path)
+                if rel == "":
+                    st = os.fstat(cache.root_fd)
+                else:
+                    parent, name = dirs.entry(rel)
+                    st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            except (FileNotFoundError, NotADirectoryError, Refused):
+                gone.append(rel)
+                continue
+            except PermissionError:
+                continue  # a parent we may not search: its rescan reports it
+            if not stat.S_ISDIR(st.st_mode):
+                gone.append(rel)
+            elif full or mtime_ns is None or st.st_mtime_ns != mtime_ns:
+                changed.append((rel, st))
+        if not changed and not gone:
+            return Refresh(0, 0, ())
+        scanner = _Scanner(conn, dirs, now, full)
+        own_transaction = not conn.in_transaction
         if own_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    if own_transaction:
-        conn.execute("COMMIT")
+            conn.execute("BEGIN IMMEDIATE")
+        try:
+            if fresh_index:
+                conn.execute("INSERT OR IGNORE INTO dirs (relpath, parent) VALUES ('', NULL)")
+                for name, _ in _SECONDARY_INDEXES:  # built once at the end: several times faster
+                    conn.execute(f"DROP INDEX IF EXISTS {name}")
+            for rel in sorted(gone, key=len):
+                scanner.drop_dir(rel)
+            queue = list(changed)
+            while queue:
+                rel, st = queue.pop()
+                queue.extend(scanner.rescan(rel, st))
+            if fresh_index:  # rows from before the index existed whose files are gone
+                for _, statement in _SECONDARY_INDEXES:
+                    conn.execute(statement)
+                scanner.vanished.update(r for (r,) in conn.execute(
+                    "SELECT relpath FROM items WHERE relpath NOT IN (SELECT relpath FROM files)"))
+        except BaseException:
+            if own_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        if own_transaction:
+            conn.execute("COMMIT")
     vanished = tuple(sorted(map(from_db, scanner.vanished)))
     return Refresh(scanner.rescanned, scanner.stats, vanished)
 
 
 class _Scanner:
-    def __init__(self, conn: sqlite3.Connection, cache_dir: str, now: float, full: bool):
+    def __init__(self, conn: sqlite3.Connection, dirs: cachefs.Dirs, now: float, full: bool):
         self.conn = conn
-        self.cache_dir = cache_dir
+        self.dirs = dirs
         self.now = now
         self.full = full
         self.rescanned = 0
@@ -247,7 +259,10 @@ class _Scanner:
         to_stat = []
         subdirs = []
         try:
-            with os.scandir(os.path.join(self.cache_dir, rel) if rel else self.cache_dir) as it:
+            self.dirs.trim()
+            dir_fd = self.dirs.fd(rel)
+            # A listing of the directory we opened (not of whatever has its name by now).
+            with os.scandir(dir_fd) as it:
                 for entry in it:
                     if rel == "" and entry.name == META_DIRNAME:
                         continue
@@ -264,7 +279,7 @@ class _Scanner:
                             to_stat.append((child, entry))
                     else:
                         skipped.append((child, "not a regular file"))
-        except FileNotFoundError:
+        except (FileNotFoundError, Refused):
             self.drop_dir(rel)
             return []
         except PermissionError:
@@ -313,9 +328,11 @@ class _Scanner:
             if sub in old_subdirs:
                 continue  # a known subdirectory is checked by its own mtime
             try:
-                sub_stat = os.lstat(os.path.join(self.cache_dir, sub))
+                sub_stat = os.stat(os.path.basename(sub), dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
+            if not stat.S_ISDIR(sub_stat.st_mode):
+                continue  # swapped for something else since the listing
             conn.execute("INSERT OR REPLACE INTO dirs (relpath, parent) VALUES (?, ?)",
                          (to_db(sub), to_db(rel)))
             new.append((sub, sub_stat))
@@ -445,16 +462,30 @@ def select_where_in(conn: sqlite3.Connection, query: str, keys: Sequence) -> Ite
         yield from conn.execute(f"{query} IN ({', '.join('?' * len(chunk))})", chunk)
 
 
-def _indexed_file(values) -> IndexedFile:
-    return IndexedFile(from_db(values[0]), *values[1:])
+_FILE_KINDS = "pinnSSNi"  # see layout.row_ok
+
+
+def _files(rows: Iterable[tuple]) -> Iterator[IndexedFile]:
+    """Index rows as IndexedFiles, leaving out any whose fields have the wrong type (the
+    ledger is writable by every member)."""
+    for values in rows:
+        if row_ok(values, _FILE_KINDS):
+            yield IndexedFile(from_db(values[0]), *values[1:])
 
 
 _SELECT_FILES = f"SELECT {', '.join(FILE_COLUMNS)} FROM files"
 
 
 def all_files(conn: sqlite3.Connection, partial: bool = False) -> List[IndexedFile]:
-    return [_indexed_file(v) for v in conn.execute(
-        f"{_SELECT_FILES} WHERE partial = ? ORDER BY relpath", (int(partial),))]
+    return list(_files(conn.execute(
+        f"{_SELECT_FILES} WHERE partial = ? ORDER BY relpath", (int(partial),))))
+
+
+def files_at(conn: sqlite3.Connection, relpaths: Iterable[str]) -> List[IndexedFile]:
+    """Complete files at ``relpaths`` (the few that are held)."""
+    return list(_files(select_where_in(
+        conn, f"SELECT {', '.join(FILE_COLUMNS)} FROM files WHERE partial = 0 AND relpath",
+        [to_db(r) for r in relpaths])))
 
 
 def files_with_identifiers(conn: sqlite3.Connection, identifiers: Iterable[str]
@@ -465,11 +496,11 @@ def files_with_identifiers(conn: sqlite3.Connection, identifiers: Iterable[str]
     wanted = set(identifiers)
     if not wanted:
         return []
-    found = [_indexed_file(v) for identifier in sorted(wanted) for v in conn.execute(
+    found = [f for identifier in sorted(wanted) for f in _files(conn.execute(
         f"{_SELECT_FILES} WHERE relpath IN ({PATHS_OF_IDENTIFIER}) AND partial = 0",
-        (identifier,))]
+        (identifier,)))]
     for in_dir, params in _dirs_with_untracked(conn):
-        found += [f for f in map(_indexed_file, conn.execute(
+        found += [f for f in _files(conn.execute(
             f"{_SELECT_FILES} WHERE {in_dir} AND last_access IS NULL AND partial = 0", params))
             if f.identifier in wanted]
     return found
@@ -509,14 +540,12 @@ def by_last_access(conn: sqlite3.Connection, descending: bool,
                f"ORDER BY last_use {order}, relpath {order}")
     queries = [never] if untracked else [tracked, never] if descending else [never, tracked]
     for query in queries:
-        for values in conn.execute(query):
-            yield _indexed_file(values)
+        yield from _files(conn.execute(query))
 
 
 def by_last_use(conn: sqlite3.Connection) -> Iterator[IndexedFile]:
     """Complete files, least recently used first (ties in no particular order)."""
-    for values in conn.execute(f"{_SELECT_FILES} WHERE partial = 0 ORDER BY last_use"):
-        yield _indexed_file(values)
+    yield from _files(conn.execute(f"{_SELECT_FILES} WHERE partial = 0 ORDER BY last_use"))
 
 
 @dataclass(frozen=True)
@@ -533,13 +562,25 @@ class DirTotals:
     skipped: Tuple[Tuple[str, str], ...]
 
 
+def _skipped(text) -> Tuple[Tuple[str, str], ...]:
+    """The ``skipped`` column: JSON we wrote, in a file any member may write."""
+    try:
+        found = json.loads(text) if isinstance(text, str) else []
+    except (ValueError, RecursionError):
+        return ()
+    if not isinstance(found, list):
+        return ()
+    return tuple((s[0], s[1]) for s in found if isinstance(s, list) and len(s) == 2
+                 and isinstance(s[0], str) and isinstance(s[1], str))
+
+
 def dir_totals(conn: sqlite3.Connection) -> List[DirTotals]:
-    return [DirTotals(from_db(r[0]), *r[1:9],
-                      tuple(tuple(s) for s in json.loads(r[9])) if r[9] else ())
+    """Every directory's totals (rows whose fields have the wrong type are left out)."""
+    return [DirTotals(from_db(r[0]), *r[1:9], _skipped(r[9]))
             for r in conn.execute(
                 "SELECT relpath, num_files, file_bytes, num_partial, partial_bytes, "
                 "num_untracked, untracked_bytes, dataset, last_access, skipped FROM dirs "
-                "ORDER BY relpath")]
+                "ORDER BY relpath") if row_ok(r, "piiiiiiSN")]
 
 
 def partials(conn: sqlite3.Connection) -> List[IndexedFile]:

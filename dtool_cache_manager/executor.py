@@ -1,33 +1,40 @@
 """The executor: the only code that deletes cached files.
 
-It removes a file only when it can prove nobody uses it: under the item's exclusive gate it
-checks for live holders, checks that the path is a regular file inside the cache directory,
-then unlinks.  When in doubt it keeps the file and says why.  A clean is planned first (a
+It removes a file only when it can prove nobody uses it: under the file's exclusive gate it
+reads the live holds, then unlinks the file if nobody holds its path and it is a regular
+file, relative to its directory's descriptor, opened from the cache root without following
+links (see :mod:`cachefs`).  When in doubt it keeps the file and says why.  Holds whose
+directory another member could tamper with prove nothing: then it removes nothing
+(:class:`~dtool_cache_manager.errors.UnsafeCache`).  A clean is planned first (a
 :class:`CleanPlan` reports ``expected_freed_bytes`` before :meth:`CleanPlan.execute`, as in
 huggingface_hub's delete strategies), so a dry run shows exactly what the real run does.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sqlite3
-import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .holds import (Holder, by_identifier, exclusive_gate, exclusive_gates, holders_of,
-                    holders_of_file, live_holds)
-from .layout import MetaPaths, is_item_relpath
+from . import cachefs
+from .cachefs import CacheDir, Refused
+from .errors import UnsafeCache
+from .holds import Holder, exclusive_gates, live_holds
+from .layout import is_item_relpath
 from .ledger import ItemRow, Ledger, RemovalRecorder, Removed
+from .rangelock import GateBusy, open_range_lock
 
 logger = logging.getLogger(__name__)
 
-STALE_PARTIAL_SECONDS = 3600.0  # a '*.tmp' untouched this long is no download in progress
 ALREADY_GONE = "already gone from disk"
+GATE_BUSY = "its gate stayed locked by another process; not removed now"
+THROUGH_LINK = "its directory is a symbolic link or not a directory; not followed"
 
 
 @dataclass(frozen=True)
@@ -41,23 +48,16 @@ class RemovalOutcome:
     reason: str = ""
 
 
-def is_inside(cache_dir: str, relpath: str) -> bool:
-    """True if ``relpath`` can name a cached item: a relative path with no '..', no NUL,
-    not in our bookkeeping directory, and no symlinked directory leading out of the cache.
-
-    Ledger rows come from journals any member can write, so every path is checked here
-    before anything is read or removed.
-    """
-    return is_item_relpath(relpath) and _inside(cache_dir, os.path.join(cache_dir, relpath))
-
-
-def _inside(cache_dir: str, abspath: str) -> bool:
-    """True if ``abspath``'s directory really is inside the cache (symlinks resolved)."""
-    return _under(os.path.realpath(os.path.dirname(abspath)), os.path.realpath(cache_dir))
-
-
-def _under(real: str, real_cache: str) -> bool:
-    return real == real_cache or real.startswith(real_cache + os.sep)
+def require_safe_holds(cache: CacheDir) -> None:
+    """Holds that a member could hide prove nothing, and without the gate a hold could slip
+    in between the check and the unlink: then refuse to remove anything."""
+    if cache.holds_unsafe is not None:
+        raise UnsafeCache(f"not removing anything: {cache.holds_unsafe}")
+    try:
+        open_range_lock(cache, cachefs.GATE_LOCK)
+    except OSError as exc:
+        raise UnsafeCache(f"not removing anything: cannot use "
+                          f"{os.path.join(cache.meta_path, cachefs.GATE_LOCK)} ({exc})") from None
 
 
 def _record(on_removed: Callable[[], None], what: str) -> None:
@@ -70,67 +70,91 @@ def _record(on_removed: Callable[[], None], what: str) -> None:
                        "the next run reconciles it", what, exc)
 
 
-def remove_item(ledger: Ledger, row: ItemRow, uri: Optional[str] = None) -> RemovalOutcome:
+def remove_item(ledger: Ledger, row: ItemRow,
+                same_as: Optional[os.stat_result] = None) -> RemovalOutcome:
     """Remove ``row``'s file and ledger entry unless a live process holds it.
 
-    Checked and unlinked under the item's exclusive gate.  The holds, not the ledger,
-    decide: with a read-only view of the ledger (a full disk) the file still goes, and the
-    next reconcile drops its row.  The ledger is written after the gate is released, as a
-    clean writes it (never wait for the ledger while holding a gate: a clean holds the
-    ledger while it waits for gates).
+    Checked and unlinked under the file's exclusive gate; with ``same_as``, only that very
+    file (as examined by the caller).  The holds, not the ledger, decide: with a read-only
+    view of the ledger (a full disk) the file still goes, and the next reconcile drops its
+    row.  The ledger is written after the gate is released, as a clean writes it (never
+    wait for the ledger while holding a gate: a clean holds the ledger while it waits for
+    gates).
     """
-    paths, relpath = ledger.paths, row.relpath
-    abspath = os.path.join(paths.cache_dir, relpath)
-    if not is_inside(paths.cache_dir, relpath):
-        return RemovalOutcome(relpath, False, reason="path is outside the cache directory")
-    with exclusive_gate(paths, row.identifier):
-        holders = holders_of(paths, row.identifier, uuid=row.uuid, uri=uri, relpath=relpath)
-        if holders:
-            return RemovalOutcome(relpath, False, holders=tuple(holders), reason="in use")
+    cache, relpath = ledger.cache, row.relpath
+    require_safe_holds(cache)
+    if not is_item_relpath(relpath):
+        return RemovalOutcome(relpath, False, reason=OUTSIDE)
+    with cachefs.Dirs(cache.root_fd) as dirs:
         try:
-            st = os.lstat(abspath)
-            if not stat.S_ISREG(st.st_mode):
-                return RemovalOutcome(relpath, False, reason="not a regular file")
-            os.unlink(abspath)
-            outcome, ino = RemovalOutcome(relpath, True, freed_bytes=st.st_size), st.st_ino
+            dir_fd, name = dirs.entry(relpath)
+        except Refused:
+            return RemovalOutcome(relpath, False, reason=THROUGH_LINK)
         except FileNotFoundError:
-            outcome, ino = RemovalOutcome(relpath, False, reason=ALREADY_GONE), None
-        removed_at = time.time()
-    _record(lambda: ledger.forget_removed([(relpath, removed_at, ino)]), relpath)
+            dir_fd, name = None, ""
+        with exclusive_gates(cache, [relpath]) as busy:
+            if busy:
+                return RemovalOutcome(relpath, False, reason=GATE_BUSY)
+            holders = live_holds(cache).holders_of(relpath)
+            if holders:
+                return RemovalOutcome(relpath, False, holders=holders, reason="in use")
+            outcome, ino = (_unlink_regular_file(dir_fd, name, relpath, same_as)
+                            if dir_fd is not None else (RemovalOutcome(
+                                relpath, False, reason=ALREADY_GONE), 0))
+            removed_at = time.time()
+    if outcome.removed or outcome.reason == ALREADY_GONE:
+        _record(lambda: ledger.forget_removed([(relpath, removed_at, ino or None)]), relpath)
     return outcome
+
+
+OUTSIDE = "path is outside the cache directory"
 
 
 def forget_vanished(ledger: Ledger, rows: Sequence[ItemRow]) -> int:
     """Reconcile: drop the rows of files deleted or moved behind our back; returns how many.
 
-    In batches, as a clean removes: under the items' gates and one snapshot of the holds, a
-    row goes only if its path holds nothing and nobody holds the item (it may be fetching
-    it again); the ledger is written after the gates are released.  A row whose path leads
-    outside the cache cannot be ours: it is dropped at once.
+    In batches, as a clean removes: under the files' gates and one snapshot of the holds, a
+    row goes only if its path holds nothing and nobody holds it (it may be fetching it
+    again); the ledger is written after the gates are released.  A row whose path cannot
+    name a cached file is dropped at once.
     """
-    paths = ledger.paths
+    cache = ledger.cache
     forgotten = 0
-    for start in range(0, len(rows), BATCH_SIZE):
-        batch = rows[start:start + BATCH_SIZE]
-        gone: List[str] = []
-        inside = []
-        for row in batch:
-            if is_inside(paths.cache_dir, row.relpath):
-                inside.append(row)
-            else:
-                logger.warning("dtool-cache-manager: dropping a ledger row whose path leaves "
-                               "the cache: %r", row.relpath)
-                gone.append(row.relpath)
-        with exclusive_gates(paths, {row.identifier for row in inside}):
-            held = by_identifier(live_holds(paths))
-            removed_at = time.time()
-            gone += [row.relpath for row in inside
-                     if not os.path.lexists(os.path.join(paths.cache_dir, row.relpath))
-                     and not holders_of_file(held, row.identifier, row.uuid, row.relpath)]
-        if gone:
-            ledger.forget(gone, removed_at)  # whatever its rows claim
-            forgotten += len(gone)
+    with cachefs.Dirs(cache.root_fd) as dirs:
+        for start in range(0, len(rows), BATCH_SIZE):
+            batch = rows[start:start + BATCH_SIZE]
+            gone: List[str] = []
+            inside = []
+            for row in batch:
+                if is_item_relpath(row.relpath):
+                    inside.append(row)
+                else:
+                    logger.warning("dtool-cache-manager: dropping a ledger row whose path "
+                                   "leaves the cache: %r", row.relpath)
+                    gone.append(row.relpath)
+            dirs.trim()
+            with exclusive_gates(cache, [row.relpath for row in inside]) as busy:
+                held = live_holds(cache)
+                removed_at = time.time()
+                gone += [row.relpath for row in inside
+                         if row.relpath not in busy and not _exists(dirs, row.relpath)
+                         and not held.holders_of(row.relpath)]
+            if gone:
+                ledger.forget(gone, removed_at)  # whatever its rows claim
+                forgotten += len(gone)
     return forgotten
+
+
+def _exists(dirs: cachefs.Dirs, relpath: str) -> bool:
+    """Is there an entry at ``relpath``, reached without links?  (A path through a link
+    is no cached file of ours: it does not exist.)"""
+    try:
+        dir_fd, name = dirs.entry(relpath)
+    except (FileNotFoundError, Refused):
+        return False
+    except OSError:
+        return True  # cannot tell: keep the row
+    return cachefs.entry_stat(dir_fd, name) is not None
 
 
 # -- cleaning -------------------------------------------------------------------------
@@ -147,7 +171,7 @@ class PlannedRemoval:
     relpath: str
     size_bytes: int
     identifier: Optional[str]
-    uuid: Optional[str]  # None: untracked, so any hold on its identifier keeps it
+    uuid: Optional[str]  # None: untracked (no hook has seen it)
 
 
 @dataclass(frozen=True)
@@ -164,7 +188,7 @@ class CleanResult:
 class CleanPlan:
     """What a clean will do; nothing happens until :meth:`execute`."""
 
-    paths: MetaPaths
+    cache_dir: str
     removals: Tuple[PlannedRemoval, ...]
     skipped_in_use: Tuple[Tuple[str, Tuple[Holder, ...]], ...]
     stale_partials: Tuple[PlannedRemoval, ...]
@@ -182,15 +206,17 @@ class CleanPlan:
         thread, so that the threads work in different directories and the ledger's rows
         are still dropped in a few runs of key order (a clean of 100k of a million items:
         17-21 s striped over the threads in one directory, 15-16 s this way)."""
+        cache = ledger.cache
+        require_safe_holds(cache)
         done: Dict[str, RemovalOutcome] = {}
         ordered = regions_interleaved(sorted(self.removals, key=lambda r: r.relpath),
                                       UNLINK_THREADS, BATCH_SIZE)
-        with _LedgerUpdates(ledger) as updates, _Directories(self.paths.cache_dir) as folders, \
+        with _LedgerUpdates(ledger) as updates, cachefs.Dirs(cache.root_fd, 128) as folders, \
                 ThreadPoolExecutor(UNLINK_THREADS, "dtool-cache-unlink") as pool:
             for start in range(0, len(ordered), BATCH_SIZE):
                 batch = ordered[start:start + BATCH_SIZE]
                 updates.ready()  # before the batch's gates: ledger first, then gates
-                outcomes = remove_batch(self.paths, folders, pool, batch, updates.gone,
+                outcomes = remove_batch(cache, folders, pool, batch, updates.gone,
                                         meanwhile=updates.record_pending)
                 for planned, outcome in zip(batch, outcomes):
                     done[planned.relpath] = outcome
@@ -202,7 +228,7 @@ class CleanPlan:
             (removed if outcome.removed else skipped).append(outcome)
         for planned in self.stale_partials:
             try:
-                outcome = _remove_stale_partial(self.paths, planned.relpath)
+                outcome = _remove_stale_partial(cache, planned.relpath)
             except OSError as exc:
                 outcome = RemovalOutcome(planned.relpath, False, reason=str(exc))
             (removed if outcome.removed else skipped).append(outcome)
@@ -275,74 +301,13 @@ class _LedgerUpdates:
         self._failed, self._recorder = True, None
 
 
-class _Directories:
-    """Open handles on the cache's directories, each checked once to lie inside the cache.
-
-    Files are then examined and unlinked relative to the handle (``dir_fd``), so a directory
-    swapped for a symbolic link after the check still cannot lead a removal outside the
-    cache, and no removal pays for resolving its whole path again.
-    """
-
-    KEEP_OPEN = 128  # between batches; a batch may open up to BATCH_SIZE more
-
-    def __init__(self, cache_dir: str):
-        self.cache_dir = cache_dir
-        self.real_cache = os.path.realpath(cache_dir)
-        self._fds: Dict[str, Optional[int]] = {}
-
-    def fd(self, folder: str) -> Optional[int]:
-        """A handle on ``folder`` (relative), or None if it is not a directory inside.
-        It stays open until :meth:`trim`, so unlinks in flight can use it."""
-        if folder in self._fds:
-            return self._fds[folder]
-        try:
-            fd = os.open(os.path.join(self.cache_dir, folder),
-                         os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            fd = None
-        if fd is not None and not self._really_inside(fd, folder):
-            os.close(fd)
-            fd = None
-        self._fds[folder] = fd
-        return fd
-
-    def trim(self) -> None:
-        """Between batches: close the least recently opened handles beyond KEEP_OPEN."""
-        for folder in list(self._fds)[:max(0, len(self._fds) - self.KEEP_OPEN)]:
-            fd = self._fds.pop(folder)
-            if fd is not None:
-                os.close(fd)
-
-    def _really_inside(self, fd: int, folder: str) -> bool:
-        try:
-            real = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:  # no /proc: the resolved path must be the directory we opened
-            real = os.path.realpath(os.path.join(self.cache_dir, folder))
-            opened, found = os.fstat(fd), os.stat(real)
-            if (opened.st_dev, opened.st_ino) != (found.st_dev, found.st_ino):
-                return False
-        return _under(real, self.real_cache)
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            if fd is not None:
-                os.close(fd)
-        self._fds.clear()
-
-    def __enter__(self) -> "_Directories":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def remove_batch(paths: MetaPaths, folders: _Directories, pool: ThreadPoolExecutor,
+def remove_batch(cache: CacheDir, folders: cachefs.Dirs, pool: ThreadPoolExecutor,
                  batch: Sequence[PlannedRemoval], gone: List[Removed],
                  meanwhile: Callable[[], None] = lambda: None) -> List[RemovalOutcome]:
     """Remove a batch of files, each unless a live process holds it; appends what is gone
     from disk to ``gone`` as (relpath, removed_at, inode) for the ledger.
 
-    The same proof as :func:`remove_item`, paid once per batch: every item's exclusive gate
+    The same proof as :func:`remove_item`, paid once per batch: every file's exclusive gate
     is taken (in a fixed order, so two cleaners cannot deadlock), then the holds are read
     once; a hold taken after that read waits at its gate until the batch is done, and its
     access then finds the file gone and fetches it again.  The unlinks run on ``pool``
@@ -355,77 +320,98 @@ def remove_batch(paths: MetaPaths, folders: _Directories, pool: ThreadPoolExecut
     outcomes: List[Optional[RemovalOutcome]] = [None] * len(batch)
     todo = []
     for n, planned in enumerate(batch):
-        folder = os.path.dirname(planned.relpath)
-        dir_fd = folders.fd(folder) if is_item_relpath(planned.relpath) else None
-        if dir_fd is None:
-            outcomes[n] = RemovalOutcome(planned.relpath, False,
-                                         reason="path is outside the cache directory")
-        else:
-            todo.append((n, dir_fd))
-    with exclusive_gates(paths, {_gate_identifier(batch[n]) for n, _ in todo}):
-        held = by_identifier(live_holds(paths))
+        try:
+            dir_fd, name = folders.entry(planned.relpath)
+        except Refused as exc:
+            outcomes[n] = RemovalOutcome(planned.relpath, False, reason=THROUGH_LINK
+                                         if exc.errno != errno.EINVAL else OUTSIDE)
+            continue
+        except FileNotFoundError:
+            outcomes[n] = RemovalOutcome(planned.relpath, False, reason=ALREADY_GONE)
+            continue
+        except OSError as exc:
+            outcomes[n] = RemovalOutcome(planned.relpath, False, reason=str(exc))
+            continue
+        todo.append((n, dir_fd, name))
+    with exclusive_gates(cache, [batch[n].relpath for n, _, _ in todo]) as busy:
+        held = live_holds(cache)
         free = []
-        for n, dir_fd in todo:
-            holders = holders_of_file(held, _gate_identifier(batch[n]), batch[n].uuid,
-                                      batch[n].relpath)
-            if holders:
-                outcomes[n] = RemovalOutcome(batch[n].relpath, False, holders=holders,
-                                             reason="in use")
+        for n, dir_fd, name in todo:
+            relpath = batch[n].relpath
+            holders = held.holders_of(relpath)
+            if relpath in busy:
+                outcomes[n] = RemovalOutcome(relpath, False, reason=GATE_BUSY)
+            elif holders:
+                outcomes[n] = RemovalOutcome(relpath, False, holders=holders, reason="in use")
             else:
-                free.append((n, dir_fd))
+                free.append((n, dir_fd, name))
         per_thread = max(1, -(-len(free) // UNLINK_THREADS))  # the batch's regions, in turn
         shares = [free[k:k + per_thread] for k in range(0, len(free), per_thread)]
-        unlinking = [pool.submit(_unlink_each, [(dir_fd, batch[n]) for n, dir_fd in share])
+        unlinking = [pool.submit(_unlink_each, [(dir_fd, name, batch[n].relpath)
+                                                for n, dir_fd, name in share])
                      for share in shares]
         try:
             meanwhile()
         finally:
             inodes = {}
             for share, unlinked in zip(shares, unlinking):
-                for (n, _), (outcome, ino) in zip(share, unlinked.result()):
+                for (n, _, _), (outcome, ino) in zip(share, unlinked.result()):
                     outcomes[n], inodes[n] = outcome, ino
             removed_at = time.time()  # before any access can take a hold again
             gone.extend((batch[n].relpath, removed_at, ino) for n, ino in inodes.items()
                         if outcomes[n].removed or outcomes[n].reason == ALREADY_GONE)
-    return outcomes  # type: ignore[return-value]
+    return outcomes  # type: ignore[return-value]  # every slot was filled above
 
 
-def _gate_identifier(planned: PlannedRemoval) -> str:
-    return planned.identifier or os.path.basename(planned.relpath)[:40]
-
-
-def _unlink_each(jobs: Sequence[Tuple[int, PlannedRemoval]]
+def _unlink_each(jobs: Sequence[Tuple[int, str, str]]
                  ) -> List[Tuple[RemovalOutcome, Optional[int]]]:
-    return [_unlink_regular_file(dir_fd, planned) for dir_fd, planned in jobs]
+    return [_unlink_regular_file(dir_fd, name, relpath) for dir_fd, name, relpath in jobs]
 
 
-def _unlink_regular_file(dir_fd: int, planned: PlannedRemoval
+def _unlink_regular_file(dir_fd: int, name: str, relpath: str,
+                         same_as: Optional[os.stat_result] = None
                          ) -> Tuple[RemovalOutcome, Optional[int]]:
     """Under the gates, not held: the outcome, and the inode removed (0 when the file was
     already gone)."""
-    name = os.path.basename(planned.relpath)
     try:
-        st = os.lstat(name, dir_fd=dir_fd)
-        if not stat.S_ISREG(st.st_mode):
-            return RemovalOutcome(planned.relpath, False, reason="not a regular file"), None
-        os.unlink(name, dir_fd=dir_fd)
+        st = cachefs.unlink_entry(dir_fd, name, same_as=same_as)
     except FileNotFoundError:
-        return RemovalOutcome(planned.relpath, False, reason=ALREADY_GONE), 0
+        return RemovalOutcome(relpath, False, reason=ALREADY_GONE), 0
+    except Refused as exc:
+        return RemovalOutcome(relpath, False, reason=str(exc).split("] ", 1)[-1]), None
     except OSError as exc:  # e.g. permission denied in a shared cache: keep going
-        return RemovalOutcome(planned.relpath, False, reason=str(exc)), None
-    return RemovalOutcome(planned.relpath, True, freed_bytes=st.st_size), st.st_ino
+        return RemovalOutcome(relpath, False, reason=str(exc)), None
+    return RemovalOutcome(relpath, True, freed_bytes=st.st_size), st.st_ino
 
 
-def _remove_stale_partial(paths: MetaPaths, relpath: str) -> RemovalOutcome:
-    """A leftover download; re-checked so a download that resumed is left alone."""
-    abspath = os.path.join(paths.cache_dir, relpath)
-    if not is_inside(paths.cache_dir, relpath):
-        return RemovalOutcome(relpath, False, reason="path is outside the cache directory")
+def partial_is_stale(cache: CacheDir, relpath: str) -> bool:
+    """Is the ``*.tmp`` at ``relpath`` left by a dead download?  Every download of ours runs
+    under its file's fetch lock: if nobody holds it, nobody is fetching that file.
+    (Processes without the plugin take no lock; see ``docs/reliability.rst``.)"""
     try:
-        st = os.lstat(abspath)
+        lock = open_range_lock(cache, cachefs.FETCH_LOCK)
+        with lock.locked(relpath[:-len(PARTIAL_SUFFIX)], exclusive=True, patience=0.0):
+            return True
+    except (GateBusy, OSError):
+        return False
+
+
+PARTIAL_SUFFIX = ".tmp"
+
+
+def _remove_stale_partial(cache: CacheDir, relpath: str) -> RemovalOutcome:
+    """A leftover download, removed under its fetch lock so that no download starts
+    meanwhile; a download in progress (its lock held) is left alone."""
+    try:
+        lock = open_range_lock(cache, cachefs.FETCH_LOCK)
+        with cachefs.Dirs(cache.root_fd) as dirs, \
+                lock.locked(relpath[:-len(PARTIAL_SUFFIX)], exclusive=True, patience=0.0):
+            dir_fd, name = dirs.entry(relpath)
+            outcome, _ = _unlink_regular_file(dir_fd, name, relpath)
+            return outcome
+    except GateBusy:
+        return RemovalOutcome(relpath, False, reason="download in progress")
     except FileNotFoundError:
         return RemovalOutcome(relpath, False, reason=ALREADY_GONE)
-    if not stat.S_ISREG(st.st_mode) or time.time() - st.st_mtime < STALE_PARTIAL_SECONDS:
-        return RemovalOutcome(relpath, False, reason="download in progress")
-    os.unlink(abspath)
-    return RemovalOutcome(relpath, True, freed_bytes=st.st_size)
+    except Refused:
+        return RemovalOutcome(relpath, False, reason=THROUGH_LINK)

@@ -59,7 +59,11 @@ def _holder_list(holders) -> list:
 
 
 def _holders_text(holders) -> str:
-    return ", ".join(f"{h.user_at_host} (pid {h.pid})" for h in holders)
+    return ", ".join(f"{h.user_at_host} (pid {_pid(h.pid)})" for h in holders)
+
+
+def _pid(pid) -> str:
+    return "?" if pid is None else str(pid)
 
 
 # -- summary ---------------------------------------------------------------------------
@@ -82,7 +86,7 @@ def render_summary(summary: Summary, as_json: bool,
         f"In use now:      {plural(summary.num_in_use, 'item')}",
     ]
     for holder in summary.in_use_by:
-        lines.append(f"                 held by {holder.user} (pid {holder.pid}): "
+        lines.append(f"                 held by {holder.user} (pid {_pid(holder.pid)}): "
                      f"{plural(holder.num_items, 'item')}, {size(holder.size_bytes)}")
     lines += [
         f"Untracked:       {plural(summary.num_untracked, 'file')}, "
@@ -117,6 +121,8 @@ def housekeeping_json(status: AutocleanStatus) -> dict:
         "settings": [setting_json(e) for e in settings.entries] if settings else [],
         "settings_error": status.settings_error,
         "running": status.running,
+        "running_by": None if status.holder is None else {
+            "user": status.holder[0], "pid": status.holder[1]},
         "last_run": None if last is None else {
             "start": iso_utc(last.start), "end": iso_utc(last.end), "trigger": last.trigger,
             "user": last.user, "pid": last.pid, "size_before_bytes": last.size_before_bytes,
@@ -139,8 +145,11 @@ def housekeeping_lines(status: AutocleanStatus) -> list:
         lines = [f"Limits:          {', '.join(shown)}; "
                  f"checked at most every {show(interval.text)} ({interval.source})"]
     last = status.last_run
-    if last is not None or (settings is not None and settings.limits_set):
-        running = " (one is running now)" if status.running else ""
+    running = ""
+    if status.holder is not None:
+        user, pid = status.holder
+        running = f" (one is running now: {show(user)}, pid {_pid(pid)})"
+    if last is not None or running or (settings is not None and settings.limits_set):
         lines.append(f"Last autoclean:  {describe_run(last)}{running}")
     return lines
 

@@ -1,13 +1,22 @@
 """In-use holds: the spec's per-item lock counters, made crash-proof.
 
 Each process that accesses items owns one holds file, ``holds/<token>``, and keeps an
-exclusive ``flock`` on it for its whole life.  It appends ``+`` when it starts holding an
-item and ``-`` when it lets it go.  An item's holders are the *live* files that hold it; a
-file whose lock can be taken belongs to a dead process (the kernel released the lock when it
-died, even after SIGKILL), so a crash never pins an item and nobody has to clean up first.
-This is Nix's temp-roots scheme with systemd-tmpfiles' flock test.
+exclusive ``flock`` on it for its whole life.  It appends ``["+", path]`` when it starts
+holding a cached file and ``["-", path]`` when it lets it go.  A file's holders are the
+*live* holds files that hold its path; a holds file whose lock can be taken belongs to a
+dead process (the kernel released the lock when it died, even after SIGKILL), so a crash
+never pins an item and nobody has to clean up first.  This is Nix's temp-roots scheme with
+systemd-tmpfiles' flock test.
 
-Holding and removing meet at a per-item gate (see :mod:`rangelock`): a hold is written under
+Holds name the cached file's path, relative to the cache: the one thing a removal acts on,
+and one that no journal line or ledger row can redirect.  A hold on the http copy of an item
+does not keep its s3 copy.
+
+Who holds comes from the kernel, never from the file: the user is the holds file's owner,
+the pid the one ``/proc/locks`` gives for its lock (unknown where there is no
+``/proc/locks``).  The header a process writes is for people reading the file by hand.
+
+Holding and removing meet at a per-file gate (see :mod:`rangelock`): a hold is written under
 the shared gate, a removal checks holders and unlinks under the exclusive gate, so no access
 can slip in between the check and the unlink.
 """
@@ -20,22 +29,28 @@ import json
 import logging
 import os
 import secrets
+import socket
+import stat
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, Iterator, List, NamedTuple, Optional, Set, Tuple
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple
 
-from .layout import Identity, MetaPaths, ensure_dir, share_file, unlink_quietly
-from .rangelock import open_range_lock
+from . import cachefs
+from .cachefs import CacheDir, Refused
+from .layout import Identity, is_item_relpath
+from .rangelock import GateBusy, open_range_lock
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: ["+", uri, uuid, identifier, relpath]; 2: ["+", relpath]
+MAX_HOLDS_BYTES = 64 << 20  # a live holds file past this may hold anything (see snapshot)
+ORPHAN_SECONDS = 60.0
 
 
 class HoldKey(NamedTuple):
-    """What a hold names: the item as the accessing process saw it.
+    """What a process holds, as it saw the item; the file names ``relpath``.
 
     A named tuple rather than a dataclass: the hot path hashes it on every access.
     """
@@ -43,20 +58,16 @@ class HoldKey(NamedTuple):
     uri: str
     uuid: str
     identifier: str
-    relpath: Optional[str] = None  # cache-relative path, when known before the fetch
-
-    def line(self, sign: str) -> bytes:
-        return (json.dumps([sign, self.uri, self.uuid, self.identifier, self.relpath])
-                + "\n").encode("utf-8", "surrogateescape")
+    relpath: str  # the cached file, relative to the cache directory
 
 
 @dataclass(frozen=True)
 class Holder:
-    """A live process holding items."""
+    """A live process holding files, as the kernel knows it."""
 
     user: str
     host: str
-    pid: int
+    pid: Optional[int]  # None: the platform cannot say
     token: str
 
     @property
@@ -64,44 +75,43 @@ class Holder:
         return f"{self.user}@{self.host}"
 
     def describe(self) -> str:
-        return f"{self.user_at_host} pid {self.pid}"
+        return f"{self.user_at_host} pid {self.pid if self.pid is not None else '?'}"
 
 
-def gate_key(identifier: str) -> str:
-    """Gate by identifier alone: a file found on disk without a ledger row still has one."""
-    return identifier
+def gate_key(relpath: str) -> str:
+    """The gate of a cached file: the identifier its name starts with (so a file found on
+    disk and the access that fetches it meet at the same gate)."""
+    return relpath.rsplit("/", 1)[-1][:40]
 
 
 class HoldsFile:
     """This process's holds in one cache directory."""
 
-    def __init__(self, paths: MetaPaths, identity: Identity, token: Optional[str] = None):
-        self.paths = paths
+    def __init__(self, cache: CacheDir, identity: Identity, token: Optional[str] = None):
+        if cache.holds_fd is None:
+            raise Refused(errno.ENOENT, cache.holds_unsafe or "no holds directory")
         self.identity = identity
         self.token = token or f"{identity.host}.{identity.pid}.{secrets.token_hex(4)}"
-        ensure_dir(paths.holds_dir, paths.shared)
-        self.gate = open_range_lock(paths.gate_lock, paths.shared)
-        self.path = os.path.join(paths.holds_dir, self.token)
+        self.gate = open_range_lock(cache, cachefs.GATE_LOCK)
+        self._dir_fd = os.dup(cache.holds_fd)
         self._fd = self._create_locked()
         self._lock = threading.Lock()
         self.permanent: Set[HoldKey] = set()
         self._scoped: Dict[HoldKey, int] = {}
+        self._per_path: Dict[str, int] = {}  # held keys per file: '-' only when none is left
 
     def _create_locked(self) -> int:
         # Lock under a temporary name, then rename: a file visible under its final name is
         # always locked by a live owner, so a reader can never mistake a newborn for a corpse.
-        tmp = self.path + ".new"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC,
-                     0o666)
+        tmp = self.token + ".new"
+        fd = cachefs.create_file(self._dir_fd, tmp, cachefs.OWN_FILE_MODE,
+                                 os.O_WRONLY | os.O_APPEND)
         try:
-            share_file(fd, self.paths.shared)
             fcntl.flock(fd, fcntl.LOCK_EX)
-            header = [
-                "h", FORMAT_VERSION, self.identity.user, self.identity.host,
-                self.identity.pid, time.time(),
-            ]
+            header = ["h", FORMAT_VERSION, self.identity.user, self.identity.host,
+                      self.identity.pid, time.time()]
             os.write(fd, (json.dumps(header) + "\n").encode())
-            os.rename(tmp, self.path)
+            os.rename(tmp, self.token, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
         except BaseException:
             os.close(fd)
             raise
@@ -118,7 +128,7 @@ class HoldsFile:
             if key in self.permanent or (scope is not None and key in scope):
                 return
             if key not in self._scoped:
-                self._write_under_gate(key, "+")
+                self._count(key.relpath, +1)
             if scope is None:
                 self.permanent.add(key)
             else:
@@ -134,7 +144,7 @@ class HoldsFile:
                     continue
                 self._scoped.pop(key, None)
                 if key not in self.permanent:
-                    self._write(key.line("-"))
+                    self._count(key.relpath, -1)
             scope.clear()
 
     def release(self, uri: str, identifier: str) -> int:
@@ -145,55 +155,181 @@ class HoldsFile:
             for key in keys:
                 self.permanent.discard(key)
                 self._scoped.pop(key, None)
-                self._write(key.line("-"))
+                self._count(key.relpath, -1)
             return len(keys)
 
-    def _write_under_gate(self, key: HoldKey, sign: str) -> None:
-        with self.gate.locked(gate_key(key.identifier), exclusive=False):
-            self._write(key.line(sign))
+    def _count(self, relpath: str, step: int) -> None:
+        count = self._per_path.get(relpath, 0) + step
+        if count > 0:
+            self._per_path[relpath] = count
+        else:
+            self._per_path.pop(relpath, None)
+        if step > 0 and count == 1:
+            self._write_under_gate(relpath)
+        elif step < 0 and count <= 0:
+            self._write(_line("-", relpath))
+
+    def _write_under_gate(self, relpath: str) -> None:
+        line = _line("+", relpath)
+        try:
+            with self.gate.locked(gate_key(relpath), exclusive=False):
+                self._write(line)
+        except GateBusy:
+            # Another process kept the gate past all patience: hold anyway, unguarded.
+            logger.warning("dtool-cache-manager: the gate of %r stayed locked; holding it "
+                           "without waiting further", relpath)
+            self._write(line)
 
     def _write(self, data: bytes) -> None:
         os.write(self._fd, data)
 
     def close(self) -> None:
         """Drop all holds (the process is leaving): unlink first, then let go of the lock."""
-        unlink_quietly(self.path)
+        try:
+            cachefs.unlink_entry(self._dir_fd, self.token, same_as=os.fstat(self._fd))
+        except OSError:
+            pass
         os.close(self._fd)
+        os.close(self._dir_fd)
+
+
+def _line(sign: str, relpath: str) -> bytes:
+    return (json.dumps([sign, relpath]) + "\n").encode("utf-8", "surrogateescape")
 
 
 # -- readers: who holds what ------------------------------------------------------------
 
 
-def _parse_holds(data: bytes) -> Tuple[Optional[Holder], FrozenSet[HoldKey]]:
-    holder = None
-    held: Set[HoldKey] = set()
+@dataclass(frozen=True)
+class HoldsSnapshot:
+    """Who held what when the holds were read."""
+
+    paths: Dict[str, Tuple[Holder, ...]]  # cached file -> its live holders
+    identifiers: Dict[str, Tuple[Holder, ...]]  # format-1 holds that named no file
+    unreadable: Tuple[Holder, ...] = ()  # live holders whose holds cannot be read
+
+    def holders_of(self, relpath: str) -> Tuple[Holder, ...]:
+        """The live holders of a cached file.  A holder whose holds cannot be read may hold
+        anything, so it holds every file: a clean never removes what it cannot prove
+        unused."""
+        found = self.paths.get(relpath, ()) + self.unreadable
+        if self.identifiers:
+            found += self.identifiers.get(gate_key(relpath), ())
+        if len(found) > 1:
+            found = tuple(sorted(set(found), key=_holder_order))
+        return found
+
+    @property
+    def empty(self) -> bool:
+        return not (self.paths or self.identifiers or self.unreadable)
+
+
+def _holder_order(h: Holder) -> tuple:
+    return (h.user, h.host, h.pid or 0, h.token)
+
+
+def _parse_holds(data: bytes) -> Tuple[Set[str], Set[str]]:
+    """(paths, identifiers) held by the lines in ``data``; malformed lines are skipped (a
+    torn last line of a process killed mid-write, or anything a member wrote)."""
+    paths: Dict[str, None] = {}
+    v1: Dict[Tuple[str, str], Set[Tuple[Optional[str], str]]] = {}
     for raw in data.split(b"\n"):
         if not raw:
             continue
         try:
             rec = json.loads(raw.decode("utf-8", "surrogateescape"))
-        except ValueError:
-            continue  # a torn final line of a process killed mid-write
-        if rec[0] == "h":
-            holder = Holder(user=rec[2], host=rec[3], pid=rec[4], token="")
-        elif rec[0] in "+-":
-            key = HoldKey(uri=rec[1], uuid=rec[2], identifier=rec[3], relpath=rec[4])
+        except (ValueError, RecursionError):  # RecursionError: '[[[[...' nested too deep
+            continue
+        if not isinstance(rec, list) or not rec or rec[0] not in ("+", "-"):
+            continue
+        if len(rec) == 2 and is_item_relpath(rec[1]):
             if rec[0] == "+":
-                held.add(key)
+                paths[rec[1]] = None
             else:
-                held = {k for k in held
-                        if not (k.uri == key.uri and k.identifier == key.identifier)}
-    return holder, frozenset(held)
+                paths.pop(rec[1], None)
+        elif len(rec) == 5 and all(isinstance(v, str) for v in rec[1:4]):
+            # Format 1, written by a process that started before an upgrade.
+            relpath = rec[4] if is_item_relpath(rec[4]) else None
+            held = v1.setdefault((rec[1], rec[3]), set())
+            if rec[0] == "+":
+                held.add((relpath, rec[3]))
+            else:
+                held.clear()
+    identifiers = set()
+    for held in v1.values():
+        for relpath, identifier in held:
+            if relpath is not None:
+                paths[relpath] = None
+            else:
+                identifiers.add(identifier[:40])
+    return set(paths), identifiers
 
 
-def owner_alive(paths: MetaPaths, token: str) -> bool:
-    """Is the process that owns ``token`` (a holds file and its journal) still running?"""
+def live_holds(cache: CacheDir, reap: bool = True) -> HoldsSnapshot:
+    """Every live process's holds.  With ``reap``, delete files left by dead processes
+    (where we may: in a sticky directory only their owners and root can)."""
+    live: List[Tuple[str, os.stat_result, Optional[Tuple[Set[str], Set[str]]]]] = []
+    fd_dir = cache.holds_fd
+    if fd_dir is None:
+        return HoldsSnapshot({}, {})
+    for name in os.listdir(fd_dir):
+        if name.endswith(".new"):
+            if reap:
+                _reap_orphan(fd_dir, name)
+            continue
+        found = _read_one(fd_dir, name, reap)
+        if found is not None:
+            live.append((name, *found))
+    if not live:
+        return HoldsSnapshot({}, {})
+    pids = cachefs.flock_holders([st for _, st, _ in live]) or {}
+    host = socket.gethostname()
+    paths: Dict[str, List[Holder]] = {}
+    identifiers: Dict[str, List[Holder]] = {}
+    unreadable = []
+    for name, st, held in live:
+        holder = Holder(cachefs.user_name(st.st_uid), host, pids.get((st.st_dev, st.st_ino)),
+                        name)
+        if held is None:
+            unreadable.append(holder)
+            continue
+        for relpath in held[0]:
+            paths.setdefault(relpath, []).append(holder)
+        for identifier in held[1]:
+            identifiers.setdefault(identifier, []).append(holder)
+    return HoldsSnapshot({k: tuple(v) for k, v in paths.items()},
+                         {k: tuple(v) for k, v in identifiers.items()}, tuple(unreadable))
+
+
+def _read_one(dir_fd: int, name: str, reap: bool
+              ) -> Optional[Tuple[os.stat_result, Optional[Tuple[Set[str], Set[str]]]]]:
+    """(stat, (paths, identifiers) or None if unreadable) of a live holds file; None if it
+    is dead, gone, or not a holds file at all (a link, a directory, a FIFO)."""
     try:
-        fd = os.open(os.path.join(paths.holds_dir, token), os.O_RDONLY | os.O_CLOEXEC)
+        fd, st = cachefs.open_file(dir_fd, name)
+    except Refused:
+        return None
     except FileNotFoundError:
-        return False
+        return None
+    except PermissionError:  # another member's unreadable file: the kernel still knows
+        found = cachefs.entry_stat(dir_fd, name)
+        if found is None or not stat.S_ISREG(found.st_mode):
+            return None
+        st = found
+        locked = cachefs.flock_holders([st])
+        # Live (or, with no /proc/locks, possibly live) and unreadable: may hold anything.
+        return (st, None) if locked is None or locked else None
     try:
-        return _is_alive(fd)
+        if not _is_alive(fd):
+            if reap:
+                try:
+                    cachefs.unlink_entry(dir_fd, name, same_as=st)
+                except OSError:
+                    pass  # someone else's, in a sticky directory: its owner or root reaps it
+            return None
+        if st.st_size > MAX_HOLDS_BYTES:
+            return st, None
+        return st, _parse_holds(cachefs.read_at_most(fd, MAX_HOLDS_BYTES))
     finally:
         os.close(fd)
 
@@ -209,117 +345,48 @@ def _is_alive(fd: int) -> bool:
     return False
 
 
-def live_holds(paths: MetaPaths, reap: bool = True) -> Dict[Holder, FrozenSet[HoldKey]]:
-    """Every live process's holds.  With ``reap``, delete files left by dead processes."""
-    result: Dict[Holder, FrozenSet[HoldKey]] = {}
-    try:
-        names = os.listdir(paths.holds_dir)
-    except FileNotFoundError:
-        return result
-    for name in names:
-        path = os.path.join(paths.holds_dir, name)
-        if name.endswith(".new"):
-            if reap:
-                _reap_orphan(path)
-            continue
-        try:
-            # O_RDWR where we may, so that reaping works; a read-only member can still read.
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            except PermissionError:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue
-        try:
-            if not _is_alive(fd):
-                if reap:
-                    unlink_quietly(path)
-                continue
-            with os.fdopen(os.dup(fd), "rb") as fh:
-                holder, held = _parse_holds(fh.read())
-            if holder is not None and held:
-                result[Holder(holder.user, holder.host, holder.pid, name)] = held
-        finally:
-            os.close(fd)
-    return result
-
-
-ORPHAN_SECONDS = 60.0
-
-
-def _reap_orphan(path: str) -> None:
+def _reap_orphan(dir_fd: int, name: str) -> None:
     """A '.new' holds file whose creator died before renaming it: unlocked and old.  (A
     creator opens it a moment before locking it, hence the age test.)"""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd, st = cachefs.open_file(dir_fd, name)
     except OSError:
         return
     try:
-        if time.time() - os.fstat(fd).st_mtime > ORPHAN_SECONDS and not _is_alive(fd):
-            unlink_quietly(path)
+        if time.time() - st.st_mtime > ORPHAN_SECONDS and not _is_alive(fd):
+            cachefs.unlink_entry(dir_fd, name, same_as=st)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 
 
-def holders_of(paths: MetaPaths, identifier: str, uuid: Optional[str] = None,
-               uri: Optional[str] = None, relpath: Optional[str] = None) -> List[Holder]:
-    """Live holders of an item, read now (see :func:`holders_in`)."""
-    return holders_in(live_holds(paths), identifier, uuid, uri, relpath)
-
-
-def holders_in(holds: Dict[Holder, FrozenSet[HoldKey]], identifier: Optional[str],
-               uuid: Optional[str] = None, uri: Optional[str] = None,
-               relpath: Optional[str] = None) -> List[Holder]:
-    """Holders of an item in a snapshot from :func:`live_holds`.
-
-    Matches on the identifier plus any of uuid, uri or relpath that the caller knows; with
-    none of them, on the identifier alone, which errs towards keeping the file.
-    """
-    known = [v for v in (uuid, uri, relpath) if v is not None]
-    found = []
-    for holder, keys in holds.items():
-        for key in keys:
-            if key.identifier != identifier:
-                continue
-            if not known or key.uuid == uuid or key.uri == uri or (
-                    relpath is not None and key.relpath == relpath):
-                found.append(holder)
-                break
-    return sorted(found, key=lambda h: (h.user, h.host, h.pid))
-
-
-def holders_of_file(split: Dict[str, Dict[Holder, FrozenSet[HoldKey]]],
-                    identifier: Optional[str], uuid: Optional[str],
-                    relpath: str) -> Tuple[Holder, ...]:
-    """Holders of a cached file in a snapshot split by :func:`by_identifier`: by the exact
-    item when it is tracked (its UUID known), by identifier alone when not, which errs
-    towards keeping the file."""
-    return tuple(holders_in(split.get(identifier, {}), identifier, uuid=uuid,
-                            relpath=relpath if uuid is not None else None))
-
-
-def by_identifier(holds: Dict[Holder, FrozenSet[HoldKey]]
-                  ) -> Dict[str, Dict[Holder, FrozenSet[HoldKey]]]:
-    """A snapshot split by identifier, so that matching a million files against it costs a
-    dictionary lookup each: ``holders_in(split.get(identifier, {}), identifier, ...)``."""
-    split: Dict[str, Dict[Holder, Set[HoldKey]]] = {}
-    for holder, keys in holds.items():
-        for key in keys:
-            split.setdefault(key.identifier, {}).setdefault(holder, set()).add(key)
-    return {ident: {h: frozenset(k) for h, k in held.items()} for ident, held in split.items()}
+def owner_alive(cache: CacheDir, token: str) -> bool:
+    """Is the process that owns ``token`` (a holds file and its journal) still running?"""
+    if cache.holds_fd is None:
+        return False
+    try:
+        fd, _ = cachefs.open_file(cache.holds_fd, token)
+    except PermissionError:
+        st = cachefs.entry_stat(cache.holds_fd, token)
+        locked = cachefs.flock_holders([st]) if st is not None else {}
+        return locked is None or bool(locked)
+    except OSError:
+        return False
+    try:
+        return _is_alive(fd)
+    finally:
+        os.close(fd)
 
 
 @contextmanager
-def exclusive_gate(paths: MetaPaths, identifier: str) -> Iterator[None]:
-    """Shut out new holds of ``identifier`` while a removal decides and acts."""
-    with open_range_lock(paths.gate_lock, paths.shared).locked(gate_key(identifier),
-                                                               exclusive=True):
-        yield
+def exclusive_gates(cache: CacheDir, relpaths: Iterable[str]) -> Iterator[Set[str]]:
+    """Shut out new holds of ``relpaths`` while a removal decides and acts.  Yields the
+    paths whose gate another process kept past all patience: not to be removed now."""
+    by_key: Dict[str, List[str]] = {}
+    for relpath in relpaths:
+        by_key.setdefault(gate_key(relpath), []).append(relpath)
+    with open_range_lock(cache, cachefs.GATE_LOCK).locked_many(
+            list(by_key), exclusive=True) as busy:
+        yield {relpath for key in busy for relpath in by_key[key]}
 
-
-@contextmanager
-def exclusive_gates(paths: MetaPaths, identifiers) -> Iterator[None]:
-    """:func:`exclusive_gate` for a batch of removals at once."""
-    with open_range_lock(paths.gate_lock, paths.shared).locked_many(
-            [gate_key(i) for i in identifiers], exclusive=True):
-        yield

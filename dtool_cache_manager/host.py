@@ -7,10 +7,17 @@ Upstream dtoolcore calls no hook, so :func:`install` replaces the method with a 
 2. calls every ``pre_item_content_abspath`` hook (ours takes the in-use hold);
 3. calls the broker, and if the file is missing or truncated, does so under a per-item fetch
    lock so that concurrent misses in many processes download it once (single flight);
+   a fetched file whose size is not the manifest's is fetched once more, and never handed
+   out (:class:`~dtool_cache_manager.errors.IncompleteItemError`);
 4. calls every ``post_item_content_abspath`` hook (ours journals the access).
 
 The host comes first: any fault in steps 1, 2 or 4 is logged and the broker's path returned
-unchanged.  Only the broker's own exceptions reach the caller.
+unchanged.  Only the broker's own exceptions, and an incomplete download, reach the caller.
+
+The manifest comes from the dataset's server, so identifiers and paths are checked before we
+act on a planned path: a plan is made only for a file directly inside the dataset's own
+directory in the cache, and everything we do there goes through descriptors (see
+:mod:`cachefs`).
 """
 
 from __future__ import annotations
@@ -26,8 +33,10 @@ from typing import Any, Callable, Dict, Optional
 import dtoolcore
 from dtoolcore.utils import generous_parse_uri
 
-from .layout import MetaPaths, configured_cache_dir, ensure_dir, tracking_disabled
-from .rangelock import open_range_lock
+from . import cachefs
+from .errors import IncompleteItemError
+from .layout import configured_cache_dir, relpath_in, tracking_disabled
+from .rangelock import GateBusy, open_range_lock
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +55,7 @@ class ItemPlan:
     """Where the broker will put one item, and what the manifest says it should be."""
 
     abspath: str
-    relpath: Optional[str]  # relative to the cache directory
+    relpath: str  # relative to the cache directory: the dataset's directory, then the name
     manifest_size: Optional[int]
     manifest_hash: Optional[str]
     hash_function: Optional[str]
@@ -63,7 +72,7 @@ class DatasetPlacement:
     scheme: str
     item_dir: str  # directory the broker writes this dataset's items to
     extensions: bool  # True when cache file names keep the item's extension
-    paths: Optional[MetaPaths]
+    dir_relpath: str  # item_dir relative to the cache directory, checked: no '..', no link
     plans: Dict[str, ItemPlan] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -200,7 +209,7 @@ def _work_out_placement(dataset) -> DatasetPlacement:
     scheme = generous_parse_uri(uri).scheme or "file"
     broker = dataset._storage_broker
     if scheme == "file":
-        return DatasetPlacement(None, uri, dataset.uuid, scheme, "", True, None)
+        return DatasetPlacement(None, uri, dataset.uuid, scheme, "", True, "")
     cache_dir = None
     for name, value in vars(broker).items():
         if name.endswith("cache_abspath") and isinstance(value, str):
@@ -213,11 +222,35 @@ def _work_out_placement(dataset) -> DatasetPlacement:
         getattr(broker, "uuid", None), str) else dataset.uuid
     # dtool-s3/ecs derive the extension from an encoded handle and so never keep one.
     extensions = scheme not in ("s3", "ecs")
+    normalised = os.path.abspath(os.path.expanduser(cache_dir))
+    if not isinstance(subdir, str) or relpath_in(normalised, os.path.join(normalised, subdir)) \
+            != subdir:
+        # A UUID or URL path from the server that leaves the dataset's directory ('..', an
+        # absolute path, our bookkeeping): the broker does what it does; we do nothing.
+        logger.warning("dtool-cache-manager: not tracking %s: its cache directory %r is not "
+                       "a plain directory inside %s", uri, subdir, normalised)
+        return DatasetPlacement(None, uri, dataset.uuid, scheme, "", True, "")
     # Predicted paths are built from the broker's own string, so they compare equal to
     # what it returns; the bookkeeping uses the normalised directory.
-    paths = MetaPaths(os.path.abspath(os.path.expanduser(cache_dir)))
-    return DatasetPlacement(paths.cache_dir, uri, dataset.uuid, scheme,
-                            os.path.join(cache_dir, subdir), extensions, paths)
+    return DatasetPlacement(normalised, uri, dataset.uuid, scheme,
+                            os.path.join(cache_dir, subdir), extensions, subdir)
+
+
+_MAX_NAME = 255  # bytes in a file name on the filesystems caches live on
+
+
+def _file_name(identifier, item_relpath, extensions: bool) -> Optional[str]:
+    """The name the broker gives the item's file, if it is a plain name (the identifier and
+    extension come from the server's manifest: nothing with '/', NUL, '.' or '..')."""
+    if not isinstance(identifier, str):
+        return None
+    name = identifier
+    if extensions and isinstance(item_relpath, str):
+        name += os.path.splitext(item_relpath)[1]
+    if not name or name in (".", "..") or "/" in name or "\0" in name \
+            or len(os.fsencode(name)) > _MAX_NAME:
+        return None
+    return name
 
 
 def _plan(placement: DatasetPlacement, dataset, identifier: str) -> Optional[ItemPlan]:
@@ -226,20 +259,25 @@ def _plan(placement: DatasetPlacement, dataset, identifier: str) -> Optional[Ite
         # The DataSet caches its manifest; read the cache directly, the property logs.
         manifest = dataset.__dict__.get("_manifest_cache") or dataset._manifest
         props = manifest["items"].get(identifier)
-        if props is None:
+        if not isinstance(props, dict):
             return None  # not an item of this dataset: the broker will say so
         item_relpath = props.get("relpath")
-        name = identifier
-        if placement.extensions and item_relpath:
-            name += os.path.splitext(item_relpath)[1]
-        abspath = os.path.join(placement.item_dir, name)
+        name = _file_name(identifier, item_relpath, placement.extensions)
+        if name is None:
+            logger.warning("dtool-cache-manager: not tracking item %r of %s: its name in the "
+                           "manifest would leave the dataset's cache directory", identifier,
+                           placement.uri)
+            return None
+        size, digest, function = (props.get("size_in_bytes"), props.get("hash"),
+                                  manifest.get("hash_function"))
         plan = placement.plans[identifier] = ItemPlan(
-            abspath=abspath,
-            relpath=placement.paths.relpath(os.path.abspath(abspath)),
-            manifest_size=props.get("size_in_bytes"),
-            manifest_hash=props.get("hash"),
-            hash_function=manifest.get("hash_function"),
-            item_relpath=item_relpath,
+            abspath=os.path.join(placement.item_dir, name),
+            relpath=f"{placement.dir_relpath}/{name}",
+            manifest_size=size if isinstance(size, int) and not isinstance(size, bool)
+            and 0 <= size < 1 << 62 else None,
+            manifest_hash=digest if isinstance(digest, str) else None,
+            hash_function=function if isinstance(function, str) else None,
+            item_relpath=item_relpath if isinstance(item_relpath, str) else None,
         )
     return plan
 
@@ -247,17 +285,25 @@ def _plan(placement: DatasetPlacement, dataset, identifier: str) -> Optional[Ite
 # -- fetching: single flight, truncation repair, hit/miss ---------------------------------
 
 
+FETCH_PATIENCE = 120.0  # seconds a miss waits for another's download that makes no progress
+
+
 def _fetch_single_flight(access: Access, plan: ItemPlan, dataset, identifier: str,
                          original) -> str:
     """Fetch a missing item under its fetch lock, so concurrent misses download it once.
 
-    Only misses take the lock, so concurrent hits never wait on one another.  If the lock
-    cannot be had (read-only cache, no lock support), fetch as upstream does.
+    Only misses take the lock, so concurrent hits never wait on one another.  The wait
+    lasts while the download in progress grows, and at most :data:`FETCH_PATIENCE` seconds
+    without progress (a member could keep the lock for ever).  If the lock cannot be had
+    (read-only cache, no lock support), fetch as upstream does.
     """
+    placement = access.placement
+    assert placement.cache_dir is not None  # a plan exists only for a caching broker
     try:
-        paths = access.placement.paths
-        locked = open_range_lock(paths.fetch_lock, paths.shared).locked(
-            plan.abspath, exclusive=True)
+        cache = cachefs.handle_for(placement.cache_dir)
+        fetch_lock = open_range_lock(cache, cachefs.FETCH_LOCK)
+        locked = fetch_lock.locked(plan.relpath, exclusive=True, patience=FETCH_PATIENCE,
+                                   progress=lambda: _partial_size(plan))
         locked.__enter__()
     except Exception as exc:  # noqa: BLE001
         logger.debug("dtool-cache-manager: no fetch lock for %s (%r)", plan.abspath, exc)
@@ -265,10 +311,7 @@ def _fetch_single_flight(access: Access, plan: ItemPlan, dataset, identifier: st
     try:
         if _is_hit(access, plan):  # another process fetched it while we waited
             return original(dataset, identifier)
-        _discard_if_truncated(plan)
-        if paths.shared:
-            _prepare_shared_dirs(paths, os.path.dirname(os.path.abspath(plan.abspath)))
-        return _timed_miss(access, dataset, identifier, original)
+        return _fetch_checked(access, plan, cache, dataset, identifier, original)
     finally:
         try:
             locked.__exit__(None, None, None)
@@ -276,65 +319,131 @@ def _fetch_single_flight(access: Access, plan: ItemPlan, dataset, identifier: st
             _warn(f"could not release the fetch lock ({exc!r})")
 
 
+def _partial_size(plan: ItemPlan) -> Optional[int]:
+    """How far the download in progress has come (what the lock's waiter watches)."""
+    try:
+        return os.stat(plan.abspath + ".tmp").st_size
+    except OSError:
+        return None
+
+
+def _fetch_checked(access: Access, plan: ItemPlan, cache: "cachefs.CacheDir", dataset,
+                   identifier: str, original) -> str:
+    """Under the fetch lock: clear the way, fetch, check the size; once more if it is wrong.
+
+    Everything we do to the dataset's directory goes through its descriptor, opened from the
+    cache root without following links.  A fault of ours is logged and the broker called
+    as upstream would; only an incomplete file raises.
+    """
+    parts = plan.relpath.split("/")
+    dir_fd = _dataset_dir(cache, parts[:-1])
+    name = parts[-1]
+    try:
+        for attempt in (1, 2):
+            if dir_fd is not None:
+                _clear_way(dir_fd, name, plan)
+            abspath = _timed_miss(access, dataset, identifier, original)
+            if abspath != plan.abspath:
+                return abspath
+            if dir_fd is None:
+                dir_fd = _dataset_dir(cache, parts[:-1], create=False)
+                if dir_fd is None:
+                    return abspath
+            found = cachefs.entry_stat(dir_fd, name)
+            if found is None or plan.manifest_size is None \
+                    or found.st_size == plan.manifest_size:
+                break
+            logger.warning("dtool-cache-manager: %s has %d bytes, the manifest says %d "
+                           "(fetch %d of 2)", plan.abspath, found.st_size, plan.manifest_size,
+                           attempt)
+        else:
+            assert dir_fd is not None and found is not None
+            _discard(dir_fd, name)
+            raise IncompleteItemError(
+                f"item {identifier} ({plan.item_relpath or name}) of {access.placement.uri} "
+                f"came with {found.st_size} bytes twice, but its manifest says "
+                f"{plan.manifest_size}: not handing out an incomplete file")
+        if found is not None:
+            access.size, access.mtime = found.st_size, found.st_mtime
+            if cache.shared:
+                _share_item_file(dir_fd, name)
+        return abspath
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
+
+
+def _dataset_dir(cache: "cachefs.CacheDir", parts, create: bool = True) -> Optional[int]:
+    """The dataset's directory, reached without links.  In a shared cache it is created
+    group-writable before the broker makes it with the user's umask (then nobody else in
+    the group could add items or clean them)."""
+    try:
+        if create and cache.shared:
+            return cachefs.make_dirs(cache.root_fd, parts, cachefs.SHARED_DIR_MODE)
+        return cachefs.walk(cache.root_fd, parts)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        where = os.path.join(cache.path, *parts)
+        if isinstance(exc, PermissionError):
+            logger.warning("dtool-cache-manager: %s is not group-writable and is not yours "
+                           "(%s); ask its owner to run: chmod g+ws %s", where, exc, where)
+        else:
+            _warn(f"not acting in {where!r} ({exc})")
+        return None
+
+
+def _clear_way(dir_fd: int, name: str, plan: ItemPlan) -> None:
+    """Under the fetch lock nobody else downloads this item: a ``.tmp`` left by a killed
+    download (which may be another member's, and unwritable for us) and a file of the
+    wrong size go, so the broker fetches afresh.  Readers that opened them keep them."""
+    _discard(dir_fd, name + ".tmp", regular=False)
+    found = cachefs.entry_stat(dir_fd, name)
+    if found is not None and plan.manifest_size is not None \
+            and found.st_size != plan.manifest_size:
+        logger.warning("dtool-cache-manager: %s has %d bytes, the manifest says %d; fetching "
+                       "it again", plan.abspath, found.st_size, plan.manifest_size)
+        _discard(dir_fd, name)
+
+
+def _discard(dir_fd: int, name: str, regular: bool = True) -> None:
+    try:
+        cachefs.unlink_entry(dir_fd, name, regular=regular)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        logger.debug("dtool-cache-manager: could not remove %r (%r)", name, exc)
+
+
 def _is_hit(access: Access, plan: ItemPlan) -> bool:
-    """True if the planned file is there with the manifest's size; records its stat."""
+    """True if the planned file is there with the manifest's size; records its stat.  (A
+    ``stat`` by name on the hot path: it only reads, and decides nothing but hit or miss.)"""
     try:
         st = os.stat(plan.abspath)
     except OSError:
         return False
-    if plan.manifest_size is not None and st.st_size != plan.manifest_size \
-            and plan.abspath not in _refetched:
+    if plan.manifest_size is not None and st.st_size != plan.manifest_size:
         return False
     access.size, access.mtime = st.st_size, st.st_mtime
     return True
 
 
-_refetched: set = set()
-
-
-def _discard_if_truncated(plan: ItemPlan) -> None:
-    """Upstream never re-fetches a damaged file; move it out of the broker's way, once.
-
-    Called under the fetch lock, so it cannot race another process's repair.  Readers that
-    already opened the file keep their descriptor.
-    """
-    try:
-        found = os.stat(plan.abspath).st_size
-    except OSError:
-        return
-    if found == plan.manifest_size:
-        return
-    logger.warning("dtool-cache-manager: %s has %d bytes, the manifest says %d; fetching it "
-                   "again", plan.abspath, found, plan.manifest_size)
-    _refetched.add(plan.abspath)
-    try:
-        os.unlink(plan.abspath)
-    except OSError:
-        pass
-
-
-def _prepare_shared_dirs(paths: MetaPaths, item_dir: str) -> None:
-    """Create the dataset's directories group-writable before the broker does.
-
-    Brokers create them with the user's umask (often 755): then nobody else in the group
-    could add items there or clean them.  Directories made earlier by others we cannot fix;
-    say so, since the broker is about to fail on them.
-    """
-    try:
-        ensure_dir(item_dir, shared=True)
-    except OSError as exc:
-        logger.warning("dtool-cache-manager: %s is not group-writable and is not yours (%s); "
-                       "ask its owner to run: chmod g+ws %s", item_dir, exc, item_dir)
-
-
-def _share_item_file(abspath: str, st: os.stat_result) -> None:
+def _share_item_file(dir_fd: int, name: str) -> None:
     """Let the group read an item we fetched; a 077 umask would lock everyone else out.
-    Read-only is enough (and protects the content): removal needs the directory's write bit."""
-    if st.st_uid == os.geteuid() and not st.st_mode & stat.S_IRGRP:
-        try:
-            os.chmod(abspath, (st.st_mode & 0o7777) | stat.S_IRGRP)
-        except OSError as exc:
-            logger.debug("dtool-cache-manager: cannot share %s (%r)", abspath, exc)
+    Read-only is enough (and protects the content): removal needs the directory's write bit.
+    Only our own file with a single name: a chmod never reaches through a hard link."""
+    try:
+        fd, st = cachefs.open_file(dir_fd, name, single_link=True)
+    except OSError as exc:
+        logger.debug("dtool-cache-manager: cannot share %r (%r)", name, exc)
+        return
+    try:
+        if st.st_uid == os.geteuid() and not st.st_mode & stat.S_IRGRP:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) | stat.S_IRGRP)
+    except OSError as exc:
+        logger.debug("dtool-cache-manager: cannot share %r (%r)", name, exc)
+    finally:
+        os.close(fd)
 
 
 def _timed_miss(access: Access, dataset, identifier: str, original) -> str:
@@ -350,14 +459,14 @@ def _observe(access: Access, plan: ItemPlan, abspath: str) -> None:
     access.abspath = abspath
     if abspath == plan.abspath:
         access.relpath = plan.relpath
-        if access.miss:
+        if access.miss and not access.size:  # a miss that was not fetched under our lock
             st = os.stat(abspath)
             access.size, access.mtime = st.st_size, st.st_mtime
-            if access.placement.paths.shared:
-                _share_item_file(abspath, st)
         return
     # The broker put it somewhere we did not plan for: judge the miss by the file's mtime.
-    access.relpath = access.placement.paths.relpath(os.path.abspath(abspath))
+    cache_dir = access.placement.cache_dir
+    assert cache_dir is not None
+    access.relpath = relpath_in(cache_dir, os.path.abspath(abspath))
     st = os.stat(abspath)
     access.size, access.mtime = st.st_size, st.st_mtime
     if not access.miss and st.st_mtime >= access.started - 0.01:

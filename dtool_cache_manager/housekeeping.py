@@ -5,7 +5,9 @@ decides from cached settings and one ``stat`` whether a clean is due, takes
 ``autoclean.lock`` without blocking, and starts ``python -m dtool_cache_manager.housekeeping``
 in a new session, handing it the locked descriptor; the access then returns at once.  The
 child measures the cache, cleans through the same plan and executor as ``dtool cache clean``
-(so holds are respected), records the run, and exits, which releases the lock.
+(so holds are respected), records the run in ``autoclean.log``, and exits, which releases
+the lock.  The last line of the log is the last run's record: any member's run can append
+to the log, while only the bookkeeping's owner may replace files there.
 
 The size the hook compares with the limit is an estimate: the size the last run measured
 plus what *this* process fetched since that run started.  Other processes' fetches are only
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import errno
 import fcntl
 import json
 import logging
@@ -28,8 +31,10 @@ import time
 from dataclasses import asdict, dataclass, fields
 from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
+from . import cachefs
 from . import settings as settings_mod
-from .layout import DISABLE_ENV, MetaPaths, current_identity, ensure_dir, share_file
+from .cachefs import CacheDir
+from .layout import DISABLE_ENV, current_identity
 from .settings import HousekeepingSettings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -44,36 +49,6 @@ CHILD_MODULE = "dtool_cache_manager.housekeeping"
 # someone ran it by hand.
 SIZE, AGE, UNMEASURED, STALE, MANUAL = "size", "age", "unmeasured", "stale", "manual"
 REMEASURE_SECONDS = 86400.0  # measure at least daily (while misses occur): see due()
-
-
-@dataclass(frozen=True)
-class Files:
-    """Housekeeping's files in one cache's bookkeeping directory."""
-
-    meta: MetaPaths
-
-    @property
-    def cache_dir(self) -> str:
-        return self.meta.cache_dir
-
-    @property
-    def lock(self) -> str:
-        """flock'ed exclusively by the one run in progress (held by the child process)."""
-        return os.path.join(self.meta.meta_dir, "autoclean.lock")
-
-    @property
-    def log(self) -> str:
-        """One JSON line per run, newest last."""
-        return os.path.join(self.meta.meta_dir, "autoclean.log")
-
-    @property
-    def state(self) -> str:
-        """The last run's record, replaced atomically; what the hook reads."""
-        return os.path.join(self.meta.meta_dir, "autoclean.json")
-
-
-def files_of(cache_dir: str) -> Files:
-    return Files(MetaPaths(cache_dir))
 
 
 # -- the record of one run -------------------------------------------------------------
@@ -148,14 +123,33 @@ def _has_type(value: object, kinds: Tuple[Optional[str], ...]) -> bool:
     return _STR in kinds and isinstance(value, str)
 
 
-def read_last_run(files: Files) -> Optional[RunRecord]:
-    """The last run's record, or None if there is none (or it cannot be read)."""
-    try:
-        with open(files.state, "rb") as fh:
-            data = fh.read(64 * 1024)
-        return RunRecord.from_json(json.loads(data))
-    except (OSError, ValueError):
+LOG_TAIL_BYTES = 64 * 1024  # where the last run's record is looked for
+
+
+def read_last_run(cache: CacheDir) -> Optional[RunRecord]:
+    """The last run's record: the last valid line of the log (read from its end, bounded),
+    or None if there is none."""
+    if cache.meta_fd is None:
         return None
+    try:
+        fd, st = cachefs.open_file(cache.meta_fd, cachefs.AUTOCLEAN_LOG)
+    except OSError:
+        return None
+    try:
+        start = max(0, st.st_size - LOG_TAIL_BYTES)
+        tail = cachefs.read_at_most(fd, LOG_TAIL_BYTES, start)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    for line in reversed(tail.split(b"\n")):
+        try:
+            record = RunRecord.from_json(json.loads(line))
+        except (ValueError, RecursionError):
+            continue
+        if record is not None:
+            return record
+    return None
 
 
 # -- the decision (pure) ---------------------------------------------------------------
@@ -218,12 +212,12 @@ class _Tally:
                 self.fetches[0][1] += oldest[1]
         self.fetched_bytes += size_bytes
 
-    def observe(self, files: Files, force: bool = False) -> Optional[RunRecord]:
-        """The last run; the state file is read again only when its stat changes."""
-        key = _stat_key(files.state)
+    def observe(self, cache: CacheDir, force: bool = False) -> Optional[RunRecord]:
+        """The last run; the log is read again only when its stat changes."""
+        key = _stat_key(cache)
         if force or key != self.state_key:
             self.state_key = key
-            self.last_run = read_last_run(files) if key is not None else None
+            self.last_run = read_last_run(cache) if key is not None else None
             if self.last_run is not None:
                 self._forget_before(self.last_run.start)
         return self.last_run
@@ -255,10 +249,10 @@ def after_miss(cache_dir: str, size_bytes: int) -> None:
         tally.add(now, size_bytes)
         if now - tally.last_spawn < settings.interval_seconds:
             return  # this process started one within the interval: not even a stat
-        files = files_of(cache_dir)
-        reason = due(settings, tally.observe(files), tally.fetched_bytes, now)
+        cache = cachefs.handle_for(cache_dir)
+        reason = due(settings, tally.observe(cache), tally.fetched_bytes, now)
         if reason is not None:
-            _start_background(files, settings, tally, now)
+            _start_background(cache, settings, tally, now)
     except Exception as exc:  # noqa: BLE001
         _warn_once(f"automatic housekeeping failed ({exc!r}); item access continues")
 
@@ -268,7 +262,7 @@ def _hook_settings() -> Optional[HousekeepingSettings]:
     malformed value switches housekeeping off with one warning per process."""
     global _settings_cache
     path = settings_mod.config_path()
-    fingerprint = (path, _stat_key(path), tuple(os.environ.get(k) for k in settings_mod.KEYS))
+    fingerprint = (path, _file_key(path), tuple(os.environ.get(k) for k in settings_mod.KEYS))
     cached = _settings_cache
     if cached is None or cached[0] != fingerprint:
         try:
@@ -282,21 +276,21 @@ def _hook_settings() -> Optional[HousekeepingSettings]:
     return cached[1]  # type: ignore[return-value]
 
 
-def _start_background(files: Files, settings: HousekeepingSettings, tally: _Tally,
+def _start_background(cache: CacheDir, settings: HousekeepingSettings, tally: _Tally,
                       now: float) -> None:
-    fd = try_lock(files)
+    fd = try_lock(cache)
     if fd is None:
         return  # a run is in progress
     try:
         # Another process may have finished a run between our look and the lock.
-        reason = due(settings, tally.observe(files, force=True), tally.fetched_bytes, now)
+        reason = due(settings, tally.observe(cache, force=True), tally.fetched_bytes, now)
         if reason is None:
             return
         tally.last_spawn = now  # also when spawning fails: do not retry at every miss
         env = dict(os.environ)
         env[DISABLE_ENV] = "1"
         child = subprocess.Popen(
-            [sys.executable, "-m", CHILD_MODULE, "--cache-dir", files.cache_dir,
+            [sys.executable, "-m", CHILD_MODULE, "--cache-dir", cache.path,
              "--trigger", reason, "--triggered-by", str(os.getpid()), "--lock-fd", str(fd)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             pass_fds=(fd,), start_new_session=True, env=env,
@@ -311,12 +305,18 @@ def _reap_children() -> None:
         _children[:] = [child for child in _children if child.poll() is None]
 
 
-def _stat_key(path: str) -> Optional[Tuple[int, int, int]]:
+def _file_key(path: str) -> Optional[Tuple[int, int, int]]:
     try:
         st = os.stat(path)
     except OSError:
         return None
     return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _stat_key(cache: CacheDir) -> Optional[Tuple[int, int, int]]:
+    st = cachefs.entry_stat(cache.meta_fd, cachefs.AUTOCLEAN_LOG) \
+        if cache.meta_fd is not None else None
+    return None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def _warn_once(message: str) -> None:
@@ -337,15 +337,13 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 # -- the lock --------------------------------------------------------------------------
 
 
-def try_lock(files: Files) -> Optional[int]:
-    """A descriptor holding ``autoclean.lock`` exclusively, or None if a run holds it."""
-    flags = os.O_CREAT | os.O_CLOEXEC
+def try_lock(cache: CacheDir) -> Optional[int]:
+    """A descriptor holding ``autoclean.lock`` exclusively, or None if a run holds it.
+    (``flock`` needs only read access, so members open the owner's file read-only.)"""
+    if cache.meta_fd is None:
+        raise cachefs.Refused(errno.ENOENT, f"{cache.meta_path} is missing")
+    fd, _ = cachefs.open_file(cache.meta_fd, cachefs.AUTOCLEAN_LOCK, single_link=True)
     try:
-        fd = os.open(files.lock, flags | os.O_RDWR, 0o666)
-    except PermissionError:  # another member's file in a shared cache: flock needs only read
-        fd = os.open(files.lock, flags | os.O_RDONLY)
-    try:
-        share_file(fd, files.meta.shared)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
@@ -356,21 +354,26 @@ def try_lock(files: Files) -> Optional[int]:
     return fd
 
 
-def is_running(files: Files) -> bool:
-    """True while a run holds the lock.  Creates nothing."""
+def lock_holder(cache: CacheDir) -> Optional[Tuple[str, Optional[int]]]:
+    """(user, pid) of the process holding ``autoclean.lock``, as the kernel says; None if
+    nobody holds it.  A member could hold it for ever: ``summary`` names them."""
+    if cache.meta_fd is None:
+        return None
     try:
-        fd = os.open(files.lock, os.O_RDONLY | os.O_CLOEXEC)
+        fd, st = cachefs.open_file(cache.meta_fd, cachefs.AUTOCLEAN_LOCK)
     except OSError:
-        return False
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
+        return None
     except BlockingIOError:
-        return True
+        pass
     except OSError:  # e.g. no locks on this file system: we cannot tell, so say no
-        return False
+        return None
     finally:
         os.close(fd)  # closing drops our test lock too
+    pid = (cachefs.flock_holders([st]) or {}).get((st.st_dev, st.st_ino))
+    return cachefs.user_name(cachefs.process_uid(pid) if pid else None), pid
 
 
 # -- one run (in the child, or in the foreground for `dtool cache autoclean`) -----------
@@ -383,12 +386,12 @@ class Busy(RuntimeError):
 def run_now(cache_dir: str, settings: Optional[HousekeepingSettings] = None) -> RunRecord:
     """Run one automatic clean in this process, under the lock; :class:`Busy` if another
     one is running.  ``dtool cache autoclean`` uses this."""
-    files = files_of(cache_dir)
-    ensure_dir(files.meta.meta_dir, files.meta.shared)
-    fd = try_lock(files)
-    if fd is None:
-        raise Busy(f"an automatic clean of {cache_dir} is already running "
-                   f"(it holds {files.lock})")
+    with cachefs.open_cache(cache_dir) as cache:
+        fd = try_lock(cache)
+        if fd is None:
+            holder = lock_holder(cache)
+            who = f" by {holder[0]} (pid {holder[1] or '?'})" if holder else ""
+            raise Busy(f"an automatic clean of {cache_dir} is already running{who}")
     try:
         return run_clean(cache_dir, MANUAL, settings=settings)
     finally:
@@ -401,7 +404,6 @@ def run_clean(cache_dir: str, trigger: str, triggered_by: Optional[int] = None,
 
     Every failure ends up in the record (and so in the log), never raised.
     """
-    files = files_of(cache_dir)
     start = time.time()
     identity = current_identity()
     outcome, error = _Outcome(), None
@@ -420,7 +422,7 @@ def run_clean(cache_dir: str, trigger: str, triggered_by: Optional[int] = None,
         size_after_bytes=outcome.size_after, removed=outcome.removed,
         freed_bytes=outcome.freed, skipped_in_use=outcome.skipped_in_use, error=error,
         warnings=tuple(captured.messages))
-    _save(files, record)
+    _save(cache_dir, record)
     return record
 
 
@@ -488,46 +490,48 @@ class _CapturedWarnings(logging.Handler):
         self._logger.removeHandler(self)
 
 
-def _save(files: Files, record: RunRecord) -> None:
-    """Append to the log, then replace the state file.  Both are written under the lock, so
-    nobody else writes them meanwhile."""
+def _save(cache_dir: str, record: RunRecord) -> None:
+    """Append to the log, under the lock, so nobody else writes it meanwhile."""
     line = (json.dumps(record.to_json(), sort_keys=True) + "\n").encode()
-    for write in (_append_log, _write_state):
-        try:
-            write(files, line)
-        except OSError as exc:
-            logger.warning("dtool-cache-manager: could not record the automatic clean in %s "
-                           "(%s)", files.meta.meta_dir, exc)
-
-
-def _append_log(files: Files, line: bytes) -> None:
-    fd = os.open(files.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
     try:
-        share_file(fd, files.meta.shared)
+        with cachefs.open_cache(cache_dir, create=False) as cache:
+            _append_log(cache, line)
+    except OSError as exc:
+        logger.warning("dtool-cache-manager: could not record the automatic clean in %s "
+                       "(%s)", os.path.join(cache_dir, cachefs.AUTOCLEAN_LOG), exc)
+
+
+def _append_log(cache: CacheDir, line: bytes) -> None:
+    """One line at the end of the log (a file with one name, never through a link); the
+    bookkeeping's owner keeps it short by dropping its older half."""
+    if cache.meta_fd is None:
+        raise cachefs.Refused(errno.ENOENT, f"{cache.meta_path} is missing")
+    fd, _ = cachefs.open_file(cache.meta_fd, cachefs.AUTOCLEAN_LOG, os.O_WRONLY | os.O_APPEND,
+                              single_link=True)
+    try:
         os.write(fd, line)
-        too_big = os.fstat(fd).st_size > LOG_MAX_BYTES
+        size = os.fstat(fd).st_size
     finally:
         os.close(fd)
-    if too_big:
-        with open(files.log, "rb") as fh:
-            lines = fh.read().splitlines(keepends=True)
-        _replace(files, files.log, b"".join(lines[len(lines) // 2:]))
+    if size > LOG_MAX_BYTES and cache.can_write_meta:
+        _shorten_log(cache)
 
 
-def _write_state(files: Files, line: bytes) -> None:
-    _replace(files, files.state, line)
-
-
-def _replace(files: Files, path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: readers see the old file or the new one."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+def _shorten_log(cache: CacheDir) -> None:
+    assert cache.meta_fd is not None
+    fd, st = cachefs.open_file(cache.meta_fd, cachefs.AUTOCLEAN_LOG)
     try:
-        share_file(fd, files.meta.shared)
-        os.write(fd, data)
+        data = cachefs.read_at_most(fd, LOG_MAX_BYTES // 2, max(0, st.st_size - LOG_MAX_BYTES // 2))
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+    kept = data[data.find(b"\n") + 1:]  # from the first whole line
+    tmp = f"{cachefs.AUTOCLEAN_LOG}.new-{os.getpid()}"
+    out = cachefs.create_file(cache.meta_fd, tmp, cache.infra_mode)
+    try:
+        os.write(out, kept)
+    finally:
+        os.close(out)
+    os.replace(tmp, cachefs.AUTOCLEAN_LOG, src_dir_fd=cache.meta_fd, dst_dir_fd=cache.meta_fd)
 
 
 # -- status ----------------------------------------------------------------------------
@@ -540,18 +544,28 @@ class AutocleanStatus:
     settings: Optional[HousekeepingSettings]  # None when a setting is malformed
     settings_error: Optional[str]
     last_run: Optional[RunRecord]
-    running: bool
-    log_path: str = ""
+    holder: Optional[Tuple[str, Optional[int]]]  # (user, pid) holding autoclean.lock
+
+    @property
+    def running(self) -> bool:
+        return self.holder is not None
 
 
-def status(cache_dir: str) -> AutocleanStatus:
-    """The settings in effect, the last run and whether one is running.  Creates nothing."""
-    files = files_of(cache_dir)
+def status(cache_dir: str, settings: Optional[HousekeepingSettings] = None,
+           error: Optional[str] = None) -> AutocleanStatus:
+    """The settings in effect (read now unless given), the last run and who runs one now.
+    Creates nothing."""
+    if settings is None and error is None:
+        try:
+            settings = settings_mod.load()
+        except SettingsError as exc:
+            error = str(exc)
     try:
-        settings, error = settings_mod.load(), None
-    except SettingsError as exc:
-        settings, error = None, str(exc)
-    return AutocleanStatus(settings, error, read_last_run(files), is_running(files), files.log)
+        cache = cachefs.open_cache(cache_dir, create=False)
+    except OSError:
+        return AutocleanStatus(settings, error, None, None)
+    with cache:
+        return AutocleanStatus(settings, error, read_last_run(cache), lock_holder(cache))
 
 
 # -- the detached child ----------------------------------------------------------------
@@ -568,6 +582,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="inherited descriptor that already holds autoclean.lock")
     args = parser.parse_args(argv)
     cache_dir = os.path.abspath(args.cache_dir)
+    from .privileges import work_as_cache_owner
+
+    work_as_cache_owner(cache_dir)  # as root: the cache owner's rights, never more
     if args.lock_fd is None:
         try:
             record = run_now(cache_dir)

@@ -17,26 +17,42 @@ Record kinds (first element of each line)::
 When a write fails (ENOSPC, EDQUOT, EFBIG) the lines wait in memory and are written, in
 order, by the next write that succeeds; past ``MAX_PENDING`` lines they are only counted,
 and the count is journalled as an ``x`` record once space returns.
+
+A journal is its owner's alone (mode 0644 in a sticky directory), so its accesses are
+attributed to the unix user who owns the file, as the kernel says, whatever the header
+claims.  Readers open journals without following links or blocking on FIFOs, stream them
+with a cap on a line (:data:`MAX_LINE`) and on a file (:data:`MAX_JOURNAL_BYTES`), check
+the type of every field, and never copy a line's bytes into a message: a member may have
+planted anything there.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import logging
+import math
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
-from .layout import Identity, MetaPaths, ensure_dir, share_file
+from . import cachefs
+from .cachefs import CacheDir, Refused
+from .layout import Identity
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 SUFFIX = ".jsonl"
 MAX_PENDING = 100_000  # lines kept in memory while the disk is full
+MAX_LINE = 64 * 1024  # a longer line is skipped as it streams by
+MAX_JOURNAL_BYTES = 8 << 30  # a journal past this is not read (a sparse file, say)
+_MAX_INT = 1 << 62  # sizes and microsecond times: SQLite's integers stop at 2**63
+_HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 
 
 @dataclass(frozen=True)
@@ -78,12 +94,13 @@ class LostRecord:
 class JournalWriter:
     """This process's journal in one cache directory."""
 
-    def __init__(self, paths: MetaPaths, identity: Identity, token: str):
-        ensure_dir(paths.journal_dir, paths.shared)
-        self.path = os.path.join(paths.journal_dir, token + SUFFIX)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                           0o666)
-        share_file(self._fd, paths.shared)
+    def __init__(self, cache: CacheDir, identity: Identity, token: str):
+        if cache.journal_fd is None:
+            raise Refused(errno.ENOENT, f"{cache.meta_path}/{cachefs.JOURNAL} is missing")
+        name = token + SUFFIX
+        self.path = os.path.join(cache.meta_path, cachefs.JOURNAL, name)  # for messages
+        self._fd = cachefs.create_file(cache.journal_fd, name, cachefs.OWN_FILE_MODE,
+                                       os.O_WRONLY | os.O_APPEND)
         self._pending: collections.deque = collections.deque()  # unwritten bytes, in order
         self._lost = 0
         self._lock = threading.Lock()
@@ -168,50 +185,65 @@ class JournalWriter:
         os.close(self._fd)
 
 
-def parse_journal(data: bytes, user: str = "?", host: str = "?") -> Tuple[List[object], int]:
-    """Records from ``data`` and the number of bytes consumed.
-
-    ``user`` and ``host`` attribute the records when ``data`` starts after the header.
-
-    A trailing line without its newline is a write still in progress (or torn by a crash),
-    so it is left for the next pass rather than consumed.
-    """
-    end = data.rfind(b"\n") + 1
+def parse_lines(lines: Iterable[Optional[bytes]], user: str, host: str
+                ) -> Tuple[List[object], int]:
+    """Records from journal ``lines`` (None: a line over :data:`MAX_LINE`), attributed to
+    ``user`` and ``host``, and the number of lines skipped as malformed."""
     records: List[object] = []
-    for raw in data[:end].split(b"\n"):
+    malformed = 0
+    for raw in lines:
+        if raw is None:
+            malformed += 1
+            continue
         if not raw:
             continue
         try:
-            rec = json.loads(raw.decode("utf-8", "surrogateescape"))
-            kind = rec[0]
-            if kind == "j":
-                _expect(rec[2:4], str)
-                user, host = rec[2], rec[3]
-            elif kind == "a":
-                _expect(rec[1:6], str)
-                _expect(rec[6:11], (int, float))
-                records.append(AccessRecord(user, host, rec[6] / 1e6, rec[1], rec[2], rec[3],
-                                            rec[4], rec[5], bool(rec[7]), int(rec[8]),
-                                            rec[9] / 1e6, rec[10] / 1e6))
-            elif kind == "m":
-                _expect(rec[1:2], str)
-                records.append(ManifestRecord(rec[1], _optional(rec[2], str),
-                                              _optional(rec[3], int), _optional(rec[4], str),
-                                              _optional(rec[5], str)))
-            elif kind == "x":
-                _expect(rec[1:2], int)
-                records.append(LostRecord(rec[1]))
-        except (ValueError, IndexError, TypeError, KeyError):
-            logger.warning("dtool-cache-manager: skipping a malformed journal line: %r",
-                           raw[:200])
-    return records, end
+            record = _record(json.loads(raw.decode("utf-8", "surrogateescape")), user, host)
+        except (ValueError, IndexError, TypeError, KeyError, OverflowError, RecursionError):
+            malformed += 1
+            continue
+        if record is not None:
+            records.append(record)
+    return records, malformed
+
+
+def _record(rec, user: str, host: str) -> Optional[object]:
+    if not isinstance(rec, list) or not rec:
+        raise TypeError("not a record")
+    kind = rec[0]
+    if kind == "j":
+        return None  # its claims are the writer's; attribution comes from the kernel
+    if kind == "a":
+        if len(rec) != 11:
+            raise TypeError("wrong length")
+        _expect(rec[1:6], str)
+        _expect([rec[6], rec[9]], float)  # microseconds since the epoch
+        _expect([rec[7], rec[8], rec[10]], int)  # miss, size, fetch microseconds
+        return AccessRecord(user, host, rec[6] / 1e6, rec[1], rec[2], rec[3], rec[4], rec[5],
+                            bool(rec[7]), int(rec[8]), rec[9] / 1e6, rec[10] / 1e6)
+    if kind == "m":
+        _expect(rec[1:2], str)
+        size = _optional(rec[3], int)
+        return ManifestRecord(rec[1], _optional(rec[2], str),
+                              None if size is None else int(size),
+                              _optional(rec[4], str), _optional(rec[5], str))
+    if kind == "x":
+        _expect(rec[1:2], int)
+        return LostRecord(int(rec[1]))
+    raise TypeError("unknown record")
 
 
 def _expect(values, kind) -> None:
-    """Journals are written by any member of a shared cache: check every field's type."""
+    """Journals are written by any member of a shared cache: check every field's type, and
+    range (a number SQLite cannot store, or a time that is no time, is refused)."""
     for value in values:
-        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-            raise TypeError(f"unexpected {value!r} in a journal line")
+        if kind is str:
+            if not isinstance(value, str):
+                raise TypeError("unexpected field in a journal line")
+        elif not isinstance(value, (int, float)) or isinstance(value, bool) \
+                or not -_MAX_INT < value < _MAX_INT or (kind is int and value < 0) \
+                or (isinstance(value, float) and not math.isfinite(value)):
+            raise ValueError("number out of range in a journal line")
 
 
 def _optional(value, kind):
@@ -220,20 +252,68 @@ def _optional(value, kind):
     return value
 
 
-def read_header(path: str) -> Tuple[str, str]:
-    """(user, host) from a journal's first line; the header is needed to attribute a resumed read."""
-    with open(path, "rb") as fh:
-        first = fh.readline()
-    rec = json.loads(first.decode("utf-8", "surrogateescape"))
-    return rec[2], rec[3]
+@dataclass
+class OpenJournal:
+    """A journal opened for reading, with the user the kernel says wrote it."""
+
+    token: str
+    fd: int
+    stat: os.stat_result
+    user: str
+    host: str
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
-def iter_journals(paths: MetaPaths) -> Iterator[Tuple[str, str]]:
-    """(token, path) of every journal file."""
+def tokens(cache: CacheDir) -> List[str]:
+    """The tokens of the journal files, in name order."""
+    if cache.journal_fd is None:
+        return []
+    return sorted(name[:-len(SUFFIX)] for name in os.listdir(cache.journal_fd)
+                  if name.endswith(SUFFIX))
+
+
+def open_journal(cache: CacheDir, token: str) -> Tuple[Optional[OpenJournal], str]:
+    """The journal of ``token``, or (None, why it cannot be read)."""
+    assert cache.journal_fd is not None
     try:
-        names = os.listdir(paths.journal_dir)
+        fd, st = cachefs.open_file(cache.journal_fd, token + SUFFIX, single_link=True)
     except FileNotFoundError:
-        return
-    for name in sorted(names):
-        if name.endswith(SUFFIX):
-            yield name[: -len(SUFFIX)], os.path.join(paths.journal_dir, name)
+        return None, "gone"
+    except (Refused, PermissionError) as exc:
+        return None, str(exc) if isinstance(exc, Refused) else "not readable"
+    if st.st_size > MAX_JOURNAL_BYTES:
+        os.close(fd)
+        return None, f"over {MAX_JOURNAL_BYTES >> 30} GiB"
+    return OpenJournal(token, fd, st, cachefs.user_name(st.st_uid), _claimed_host(fd)), ""
+
+
+def _claimed_host(fd: int) -> str:
+    """The host the header names (nothing on one host can check it), if it looks like a
+    host name; the user comes from the file's owner instead."""
+    head = cachefs.read_at_most(fd, 4096).split(b"\n", 1)[0]
+    try:
+        rec = json.loads(head.decode("utf-8", "strict"))
+        host = rec[3] if isinstance(rec, list) and len(rec) > 3 and rec[0] == "j" else None
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        host = None
+    return host if isinstance(host, str) and _HOST.match(host) else "?"
+
+
+def read_records(journal: OpenJournal, offset: int, upto: Optional[int] = None
+                 ) -> Iterable[Tuple[List[object], int, int]]:
+    """(records, offset after them, malformed lines) in batches, from ``offset``: bounded
+    memory however long the journal."""
+    end = journal.stat.st_size if upto is None else upto
+    batch: List[Optional[bytes]] = []
+    last = offset
+    for line, after in cachefs.iter_lines(journal.fd, offset, end, MAX_LINE):
+        batch.append(line)
+        last = after
+        if len(batch) >= 50_000:
+            records, malformed = parse_lines(batch, journal.user, journal.host)
+            yield records, last, malformed
+            batch = []
+    records, malformed = parse_lines(batch, journal.user, journal.host)
+    yield records, last, malformed

@@ -17,25 +17,35 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from . import diskindex, holds, journal
-from .layout import (MetaPaths, ensure_dir, from_db, is_item_relpath, share_file, to_db,
-                     unlink_quietly)
+from . import cachefs, diskindex, holds, journal
+from .cachefs import CacheDir
+from .errors import CacheManagerError, UnsafeCache
+from .layout import from_db, is_item_relpath, row_ok, to_db
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 CACHE_KIB = 262144  # page cache: a million-file index fits, so updates do not thrash
 # A removal is remembered this long, so that an access journalled before it and folded in
 # after it does not bring back the row (see _Batch); a later straggler is reconciled away.
 REMOVALS_KEPT_SECONDS = 86400.0
+LEDGER_FILES = cachefs.LEDGER_FILES
 COMMIT_EVERY = 8192  # rows a clean drops per transaction (see RemovalRecorder)
+FOLD_BATCH = 200_000  # journal records applied per batch of statements
 
 Removed = Tuple[str, float, Optional[int]]  # (relpath, removed_at, inode or None)
 
 
+def _add_column(conn: sqlite3.Connection, table: str, column: str) -> None:
+    """Add ``column`` (name and type) unless the table has it or is not there yet (then the
+    schema makes it as it is now)."""
+    existing = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+    if existing and column.split()[0] not in existing:
+        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+
+
 def _add_dirs_last_access(conn: sqlite3.Connection) -> None:
-    if "last_access" not in {r[1] for r in conn.execute("PRAGMA table_info(dirs)")}:
-        conn.execute("ALTER TABLE dirs ADD COLUMN last_access REAL")
+    _add_column(conn, "dirs", "last_access REAL")
     conn.execute("UPDATE dirs SET mtime_ns = NULL")  # the next refresh recounts them all
 
 
@@ -57,7 +67,7 @@ def _rebuild(conn: sqlite3.Connection, table: str, definition: str) -> None:
 # Version 5 stores items and removals by path (no rowid, so no second B-tree of paths),
 # indexes items by (uuid, identifier), which follows path order, instead of by identifier,
 # whose hash order made a clean dirty that index's pages at random, and counts removed rows
-# without a trigger.
+# without a trigger.  Version 6 remembers the inode of each journal it read.
 _MIGRATIONS = {
     1: ("ALTER TABLE items ADD COLUMN hash_function TEXT",
         "ALTER TABLE usage ADD COLUMN miss_bytes INTEGER NOT NULL DEFAULT 0"),
@@ -74,6 +84,7 @@ _MIGRATIONS = {
                                                     # then counts without reading rows
     4: (lambda conn: _rebuild(conn, "items", _ITEMS_TABLE),
         lambda conn: _rebuild(conn, "removals", _REMOVALS_TABLE)),
+    5: (lambda conn: _add_column(conn, "journals", "ino INTEGER"),),  # a new file, old name
 }
 
 _ITEMS_TABLE = """
@@ -119,7 +130,8 @@ CREATE TABLE IF NOT EXISTS usage (
     PRIMARY KEY (hour, relpath, user, uri)
 ) WITHOUT ROWID;
 {_REMOVALS_TABLE.format(name="removals")};
-CREATE TABLE IF NOT EXISTS journals (token TEXT PRIMARY KEY, offset INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS journals (token TEXT PRIMARY KEY, offset INTEGER NOT NULL,
+                                     ino INTEGER);
 """ + diskindex.SCHEMA
 
 
@@ -133,7 +145,7 @@ _TRIGGERS = (
 )
 
 
-class LedgerError(Exception):
+class LedgerError(CacheManagerError):
     """The ledger cannot be opened or written."""
 
 
@@ -168,8 +180,12 @@ class ItemRow:
 _ITEM_COLUMNS = ", ".join(ItemRow.__dataclass_fields__)
 
 
-def _item_row(values) -> ItemRow:
-    return ItemRow(from_db(values[0]), *values[1:])
+_ITEM_KINDS = "psssiNNiinSISS"  # see layout.row_ok
+
+
+def _item_row(values) -> Optional[ItemRow]:
+    """The row as an ItemRow, or None if a field has the wrong type (see layout.row_ok)."""
+    return ItemRow(from_db(values[0]), *values[1:]) if row_ok(values, _ITEM_KINDS) else None
 
 
 class _Batch:
@@ -225,11 +241,55 @@ class _Batch:
         who[2] = max(who[2], rec.t)
 
 
-class Ledger:
-    """A connection to one cache directory's ledger."""
+class _Folding:
+    """Journal records gathered across journals and applied in batches of
+    :data:`FOLD_BATCH`: few statements for many small journals, bounded memory for a big
+    one."""
 
-    def __init__(self, paths: MetaPaths, readonly: bool = False, timeout: float = 30.0):
-        self.paths = paths
+    def __init__(self) -> None:
+        self.records: List[object] = []
+        self.applied = 0
+        self.mismatched: Dict[str, Tuple[int, str]] = {}  # token -> (count, writer)
+
+    def add(self, conn: sqlite3.Connection, records: List[object],
+            source: journal.OpenJournal) -> None:
+        for rec in records:
+            if isinstance(rec, journal.AccessRecord) and not (
+                    rec.identifier and rec.relpath.rsplit("/", 1)[-1].startswith(
+                        rec.identifier)):
+                count, _ = self.mismatched.get(source.token, (0, source.user))
+                self.mismatched[source.token] = (count + 1, source.user)
+                continue  # a cached file's name starts with its identifier
+            self.records.append(rec)
+        if len(self.records) >= FOLD_BATCH:
+            self.flush(conn)
+
+    def flush(self, conn: sqlite3.Connection) -> None:
+        records, self.records = self.records, []
+        batch = _Batch(_removal_times(conn, {r.relpath for r in records
+                                             if isinstance(r, journal.AccessRecord)}))
+        for rec in records:
+            batch.add(rec)
+        Ledger._apply(conn, batch)
+        self.applied += sum(isinstance(r, journal.AccessRecord) for r in records)
+        for token, (count, writer) in self.mismatched.items():
+            logger.warning("dtool-cache-manager: ignored %d access records in journal %r "
+                           "(written by %s) that name another item's file", count, token,
+                           writer)
+        self.mismatched.clear()
+
+
+class Ledger:
+    """A connection to one cache directory's ledger.
+
+    SQLite opens files by name, so the ledger is opened only where no member can swap its
+    files or the directories on its path (``cache.unsafe`` is None: see :mod:`cachefs`).
+    Only the bookkeeping's owner (or root) creates, upgrades in place or moves aside a
+    ledger; members write into the existing files.
+    """
+
+    def __init__(self, cache: CacheDir, readonly: bool = False, timeout: float = 30.0):
+        self.cache = cache
         self.readonly = readonly
         self.timeout = timeout
         self.conn = self._open()
@@ -237,20 +297,26 @@ class Ledger:
     # -- opening, corruption and schema ------------------------------------------------
 
     def _open(self) -> sqlite3.Connection:
-        path = self.paths.ledger
+        cache = self.cache
+        path = cache.ledger_path
+        exists = cache.meta_fd is not None and \
+            cachefs.entry_stat(cache.meta_fd, cachefs.LEDGER) is not None
+        if not exists and (self.readonly or not cache.can_write_meta):
+            # Nothing to read (yet): journals fold into a private in-memory ledger.
+            self.readonly = True
+            return self._memory()
+        if cache.unsafe is not None:
+            raise UnsafeLedger(f"cannot use the ledger: {cache.unsafe}")
         if self.readonly:
-            if not os.path.exists(path):
-                return self._memory()
             # A read-only member folds pending journals into a private in-memory copy.
             return self._read_only_copy(path)
-        ensure_dir(self.paths.meta_dir, self.paths.shared)
         try:
-            return self._open_writable(path)
+            return self._open_writable(path, exists)
         except (sqlite3.DatabaseError, _Unusable) as exc:
             if not is_corruption(exc):
                 raise LedgerError(f"cannot open ledger {path}: {exc}") from exc
-            move_aside(path, exc)
-            return self._open_writable(path)
+            move_aside(cache, exc)
+            return self._open_writable(path, False)
 
     def _read_only_copy(self, path: str) -> sqlite3.Connection:
         # Without write access a WAL database opens only while its -shm exists; when it
@@ -263,11 +329,16 @@ class Ledger:
                     self._check_version(source)
                     conn = sqlite3.connect(":memory:", isolation_level=None)
                     source.backup(conn)
-                    return conn
                 finally:
                     source.close()
+                version = self._version(conn)
+                if version < SCHEMA_VERSION:  # the copy is ours to upgrade
+                    self._migrate(conn, version)
+                return conn
             except sqlite3.OperationalError as exc:
                 error = exc
+            except sqlite3.DatabaseError as exc:
+                raise LedgerError(f"cannot read ledger {path}: {exc}") from exc
         raise LedgerError(f"cannot read ledger {path}: {error}")
 
     @staticmethod
@@ -276,10 +347,12 @@ class Ledger:
         conn.executescript(_SCHEMA)
         return conn
 
-    def _open_writable(self, path: str) -> sqlite3.Connection:
-        if not os.path.exists(path):
+    def _open_writable(self, path: str, exists: bool) -> sqlite3.Connection:
+        if not exists:
             self._create(path)
-        conn = sqlite3.connect(path, timeout=self.timeout, isolation_level=None)
+        # mode=rw: never create a database where the ledger should be
+        conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=self.timeout,
+                               isolation_level=None)
         try:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
@@ -292,14 +365,17 @@ class Ledger:
         except BaseException:
             conn.close()
             raise
+        self._keep_wal_files()
         return conn
 
     def _create(self, path: str) -> None:
         """Build a new ledger aside, then link it into place: many processes may find no
         ledger at once, and SQLite refuses (at once, whatever the timeout) to switch a file
         another process is creating to WAL mode.  Exactly one link wins."""
-        tmp = f"{path}.new-{os.getpid()}-{threading.get_ident()}"
-        conn = sqlite3.connect(tmp, isolation_level=None)
+        meta_fd = self.cache.meta_fd
+        assert meta_fd is not None
+        tmp = f"{cachefs.LEDGER}.new-{os.getpid()}-{threading.get_ident()}"
+        conn = sqlite3.connect(os.path.join(self.cache.meta_path, tmp), isolation_level=None)
         try:
             conn.execute("PRAGMA journal_mode=WAL")  # recorded in the file: persists
             conn.execute("BEGIN IMMEDIATE")
@@ -308,13 +384,36 @@ class Ledger:
         finally:
             conn.close()
         try:
-            share_file(tmp, self.paths.shared)  # SQLite gives -wal/-shm the same mode
-            os.link(tmp, path)
+            fd, _ = cachefs.open_file(meta_fd, tmp, single_link=True)
+            try:
+                os.fchmod(fd, self.cache.infra_mode)  # members write into it
+            finally:
+                os.close(fd)
+            os.link(tmp, cachefs.LEDGER, src_dir_fd=meta_fd, dst_dir_fd=meta_fd,
+                    follow_symlinks=False)
         except FileExistsError:
             pass  # another process won; use theirs
         finally:
             for suffix in ("", "-wal", "-shm"):
-                unlink_quietly(tmp + suffix)
+                try:
+                    cachefs.unlink_entry(meta_fd, tmp + suffix)
+                except OSError:
+                    pass
+
+    def _keep_wal_files(self) -> None:
+        """Members may not create files in the bookkeeping directory, yet a connection that
+        writes needs the ``-wal`` and ``-shm`` files: the owner keeps them there (SQLite
+        removes them when the last connection closes; they are then made again, empty)."""
+        cache = self.cache
+        if cache.meta_fd is None or not cache.can_write_meta or not cache.shared:
+            return
+        for name in LEDGER_FILES[1:]:
+            try:
+                os.close(cachefs.create_file(cache.meta_fd, name, cache.infra_mode))
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                logger.debug("dtool-cache-manager: cannot make %s (%r)", name, exc)
 
     @staticmethod
     def _version(conn: sqlite3.Connection) -> int:
@@ -358,6 +457,8 @@ class Ledger:
 
     def close(self) -> None:
         self.conn.close()
+        if not self.readonly:
+            self._keep_wal_files()
 
     def __enter__(self) -> "Ledger":
         return self
@@ -380,47 +481,67 @@ class Ledger:
     def compact(self, only_token: Optional[str] = None) -> int:
         """Fold journals into the ledger; returns the number of access records applied.
 
-        Journals of dead processes are deleted once folded in.  Read-only ledgers fold into
-        their in-memory view without deleting anything.
+        Journals of dead processes are deleted once folded in, where we may (in a sticky
+        directory: our own, or everyone's as the bookkeeping's owner or root); a journal we
+        may not delete keeps its offset, so it is never counted twice.  Read-only ledgers
+        fold into their in-memory view without deleting anything.
         """
-        finished: List[Tuple[str, str]] = []
-        applied = 0
+        cache = self.cache
+        finished: List[Tuple[str, os.stat_result]] = []
+        folding = _Folding()
         with self._transaction() if not self.readonly else _nothing() as conn:
             conn = conn or self.conn
-            offsets = dict(conn.execute("SELECT token, offset FROM journals"))
-            pending = []
-            for token, path in journal.iter_journals(self.paths):
+            offsets = {t: (o, ino) for t, o, ino in conn.execute(
+                "SELECT token, offset, ino FROM journals")}
+            for token in journal.tokens(cache):
                 if only_token is not None and token != only_token:
                     continue
-                alive = only_token is None and holds.owner_alive(self.paths, token)
-                offset = offsets.get(token, 0)
-                try:
-                    with open(path, "rb") as fh:
-                        user, host = journal.read_header(path) if offset else ("?", "?")
-                        fh.seek(offset)
-                        data = fh.read()
-                except (FileNotFoundError, ValueError, IndexError):
+                opened, why = journal.open_journal(cache, token)
+                if opened is None:
+                    if why != "gone":
+                        logger.warning("dtool-cache-manager: not reading journal %r: %s",
+                                       token, why)
                     continue
-                records, consumed = journal.parse_journal(data, user, host)
-                pending.extend(records)
-                applied += sum(isinstance(r, journal.AccessRecord) for r in records)
-                if not self.readonly:
-                    conn.execute("INSERT OR REPLACE INTO journals VALUES (?, ?)",
-                                 (token, offset + consumed))
-                if not alive:
-                    finished.append((token, path))
-            batch = _Batch(_removal_times(conn, {r.relpath for r in pending
-                                                 if isinstance(r, journal.AccessRecord)}))
-            for rec in pending:
-                batch.add(rec)
-            self._apply(conn, batch)
+                try:
+                    alive = only_token is None and holds.owner_alive(cache, token)
+                    offset, ino = offsets.get(token, (0, None))
+                    if ino is not None and ino != opened.stat.st_ino:
+                        offset = 0  # another file under a name we read before
+                    consumed, malformed = offset, 0
+                    for records, consumed, bad in journal.read_records(opened, offset):
+                        folding.add(conn, records, opened)
+                        malformed += bad
+                    if malformed:
+                        logger.warning("dtool-cache-manager: skipped %d malformed lines in "
+                                       "journal %r (written by %s)", malformed, token,
+                                       opened.user)
+                    if not self.readonly:
+                        conn.execute("INSERT OR REPLACE INTO journals (token, offset, ino) "
+                                     "VALUES (?, ?, ?)", (token, consumed, opened.stat.st_ino))
+                    if not alive:
+                        finished.append((token, opened.stat))
+                finally:
+                    opened.close()
+            folding.flush(conn)
         if not self.readonly and finished:
-            for token, path in finished:
-                unlink_quietly(path)
+            self._delete_journals(finished)
+        return folding.applied
+
+    def _delete_journals(self, finished: Sequence[Tuple[str, os.stat_result]]) -> None:
+        cache = self.cache
+        deleted = []
+        for token, st in finished:
+            try:
+                assert cache.journal_fd is not None
+                cachefs.unlink_entry(cache.journal_fd, token + journal.SUFFIX, same_as=st)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue  # another member's, in a sticky directory: its offset stays
+            deleted.append((token,))
+        if deleted:
             with self._transaction() as conn:
-                conn.executemany("DELETE FROM journals WHERE token = ?",
-                                 [(t,) for t, _ in finished])
-        return applied
+                conn.executemany("DELETE FROM journals WHERE token = ?", deleted)
 
     @staticmethod
     def _apply(conn: sqlite3.Connection, batch: _Batch) -> None:
@@ -429,8 +550,6 @@ class Ledger:
                                   last_access, hits, misses, fetch_seconds)
                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT (relpath) DO UPDATE SET
-                 uuid = excluded.uuid, identifier = excluded.identifier,
-                 scheme = excluded.scheme,
                  size_bytes = CASE WHEN excluded.last_access >= coalesce(last_access, 0)
                                    THEN excluded.size_bytes ELSE size_bytes END,
                  first_cached = min(coalesce(first_cached, excluded.first_cached),
@@ -462,7 +581,7 @@ class Ledger:
         conn.executemany(
             """UPDATE items SET item_relpath = ?, manifest_size = ?, manifest_hash = ?,
                                 hash_function = ?
-               WHERE relpath = ?""",
+               WHERE relpath = ? AND manifest_size IS NULL AND manifest_hash IS NULL""",
             [(m.item_relpath, m.manifest_size, m.manifest_hash, m.hash_function,
               to_db(m.relpath)) for m in batch.manifests.values()])
         diskindex.note_accesses(
@@ -488,7 +607,8 @@ class Ledger:
     # -- queries -----------------------------------------------------------------------
 
     def items(self) -> List[ItemRow]:
-        return [_item_row(r) for r in self.conn.execute(f"SELECT {_ITEM_COLUMNS} FROM items")]
+        return [row for row in map(_item_row, self.conn.execute(
+            f"SELECT {_ITEM_COLUMNS} FROM items")) if row is not None]
 
     def item(self, relpath: str) -> Optional[ItemRow]:
         row = self.conn.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE relpath = ?",
@@ -497,12 +617,12 @@ class Ledger:
 
     def items_for(self, uri: str, identifier: str) -> List[ItemRow]:
         """Rows of the files that (uri, identifier) was served from."""
-        return [_item_row(r) for r in self.conn.execute(
+        return [row for row in map(_item_row, self.conn.execute(
             f"""SELECT {_ITEM_COLUMNS} FROM items
                 WHERE relpath IN ({diskindex.PATHS_OF_IDENTIFIER}) AND EXISTS (
                   SELECT 1 FROM item_uris
                   WHERE item_uris.relpath = items.relpath AND item_uris.uri = ?)""",
-            (identifier, uri))]
+            (identifier, uri))) if row is not None]
 
     def uris_of(self, relpath: str) -> List[str]:
         return [r[0] for r in self.conn.execute(
@@ -619,16 +739,22 @@ def is_corruption(exc: Exception) -> bool:
                                    "no such column"))
 
 
-def move_aside(path: str, why: Exception) -> str:
+def move_aside(cache: CacheDir, why: Exception) -> str:
     """Keep a damaged ledger for inspection and make room for a new one; the cached files
-    are not touched, and journals not yet folded are folded into the new ledger."""
-    aside = f"{path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-    for suffix in ("", "-wal", "-shm"):
-        try:
-            os.rename(path + suffix, aside + suffix)
-        except FileNotFoundError:
-            pass
+    are not touched, and journals not yet folded are folded into the new ledger.  Only the
+    bookkeeping's owner (or root) may."""
+    if cache.meta_fd is None or not cache.can_write_meta:
+        raise LedgerError(f"the ledger {cache.ledger_path} is damaged ({why}); its owner "
+                          f"({cachefs.user_name(cache.meta_stat.st_uid if cache.meta_stat else None)})"
+                          " rebuilds it at their next 'dtool cache' command")
+    aside = ""
+    for name in LEDGER_FILES:
+        aside = aside or cachefs.rename_aside(cache.meta_fd, name, "corrupt")
     logger.warning("dtool-cache-manager: ledger %s is unreadable (%s); moved it to %s and "
-                   "started a new one (no cached file was touched)", path, why, aside)
+                   "started a new one (no cached file was touched)", cache.ledger_path, why,
+                   aside)
     return aside
 
+
+class UnsafeLedger(LedgerError, UnsafeCache):
+    """The ledger's path could be swapped by a member: it is not opened at all."""

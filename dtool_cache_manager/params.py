@@ -15,6 +15,8 @@ import click
 import humanfriendly
 
 SECONDS_PER_DAY = 86400.0
+MAX_SIZE = 2 ** 63 - 1  # bytes: what the ledger can store
+MAX_AGE = 1000 * 365.25 * SECONDS_PER_DAY  # a millennium: any older is no age
 _SIZE_HINT = "use a number with a unit such as 500MB, 2GiB or 1TB"
 _AGE_HINT = "use a number with a unit such as 90m, 12h, 30d or 2w (a bare number means days)"
 _BARE_NUMBER = re.compile(r"^(?:\d+(?:\.\d*)?|\.\d+)$")
@@ -40,8 +42,15 @@ def _check_text(kind: str, text: str, hint: str) -> str:
 
 
 def parse_size(text: str) -> int:
-    """Bytes in ``text`` (``1TB``, ``500MiB``, ``1.5 GB``, ``0``); raise :class:`BadInput`."""
+    """Bytes in ``text`` (``1TB``, ``500MiB``, ``1.5 GB``, ``0``); raise :class:`BadInput`.
+
+    A number without a unit counts bytes, as ``du -b`` does, so it must be whole: ``1.5``
+    is refused (it would mean one byte, and a clean would remove nearly everything).
+    """
     stripped = _check_text("size", text, _SIZE_HINT)
+    if _BARE_NUMBER.match(stripped) and not stripped.isdigit():
+        raise BadInput(f"invalid size {text!r}: a number without a unit counts bytes and "
+                       f"must be whole; did you mean {stripped}GB or {stripped}GiB?")
     try:
         size = humanfriendly.parse_size(stripped)
     except (humanfriendly.InvalidSize, OverflowError, ValueError):
@@ -49,6 +58,8 @@ def parse_size(text: str) -> int:
         raise BadInput(f"invalid size {text!r}: {_SIZE_HINT}") from None
     if size < 0:
         raise BadInput(f"invalid size {text!r}: must not be negative")
+    if size > MAX_SIZE:
+        raise BadInput(f"invalid size {text!r}: too large (at most {MAX_SIZE} bytes)")
     return int(size)
 
 
@@ -66,6 +77,8 @@ def parse_age(text: str) -> float:
         raise BadInput(f"invalid age {text!r}: must be a finite number; {_AGE_HINT}")
     if seconds < 0:
         raise BadInput(f"invalid age {text!r}: must not be negative")
+    if seconds > MAX_AGE:
+        raise BadInput(f"invalid age {text!r}: too large (at most 1000 years)")
     return seconds
 
 
@@ -77,8 +90,8 @@ class SizeType(click.ParamType):
     def convert(self, value: Any, param: Optional[click.Parameter],
                 ctx: Optional[click.Context]) -> int:
         if isinstance(value, int) and not isinstance(value, bool):
-            if value < 0:
-                raise BadInput(f"invalid size {value!r}: must not be negative")
+            if not 0 <= value <= MAX_SIZE:
+                raise BadInput(f"invalid size {value!r}: must be between 0 and {MAX_SIZE}")
             return value
         return parse_size(value if isinstance(value, str) else str(value))
 
@@ -92,8 +105,9 @@ class AgeType(click.ParamType):
                 ctx: Optional[click.Context]) -> float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             seconds = float(value)
-            if not math.isfinite(seconds) or seconds < 0:
-                raise BadInput(f"invalid age {value!r}: must be a finite, non-negative number")
+            if not math.isfinite(seconds) or not 0 <= seconds <= MAX_AGE:
+                raise BadInput(f"invalid age {value!r}: must be a finite, non-negative number "
+                               "of seconds, at most 1000 years")
             return seconds
         return parse_age(value if isinstance(value, str) else str(value))
 

@@ -18,13 +18,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from . import diskindex
+from . import cachefs, diskindex
 from .api import open_ledger
+from .cachefs import CacheDir
 from .diskindex import IndexedFile
-from .executor import (STALE_PARTIAL_SECONDS, CleanPlan, PlannedRemoval,
-                       forget_vanished, is_inside)
-from .holds import Holder, by_identifier, holders_of_file, live_holds
-from .layout import MetaPaths, sanitise_uri
+from .executor import CleanPlan, PlannedRemoval, forget_vanished, partial_is_stale
+from .holds import Holder, HoldsSnapshot, live_holds
+from .layout import is_item_relpath, sanitise_uri
 from .ledger import ItemRow, Ledger, from_db, to_db
 from .params import BadInput
 from .policies import Candidate, Rules, Selection, lru_key, select, select_in_lru_order
@@ -115,6 +115,10 @@ class Indexed:
     def conn(self) -> sqlite3.Connection:
         return self.ledger.conn
 
+    @property
+    def cache(self) -> CacheDir:
+        return self.ledger.cache
+
 
 STRAY_ROW = "ledger row names no cached item (outside the cache or our bookkeeping); dropped"
 
@@ -130,7 +134,7 @@ def indexed(cache_dir: str, full_rescan: bool = False) -> Iterator[Indexed]:
     with open_ledger(cache_dir) as ledger:
         result = Indexed(ledger, 0, [])
         conn = ledger.conn
-        refreshed = diskindex.refresh(conn, cache_dir, full=full_rescan)
+        refreshed = diskindex.refresh(conn, ledger.cache, full=full_rescan)
         suspects = list(refreshed.vanished)
         if ledger.row_count() > diskindex.count_tracked(conn):
             suspects += [from_db(r) for (r,) in conn.execute(
@@ -138,7 +142,7 @@ def indexed(cache_dir: str, full_rescan: bool = False) -> Iterator[Indexed]:
                 "(SELECT 1 FROM files AS f WHERE f.relpath = i.relpath)")]
         rows = [row for row in map(ledger.item, sorted(set(suspects))) if row is not None]
         result.dropped += [(row.relpath, STRAY_ROW) for row in rows
-                           if not is_inside(cache_dir, row.relpath)]
+                           if not is_item_relpath(row.relpath)]
         if rows and not ledger.readonly:
             result.forgotten += _reconcile(ledger, rows)
         yield result
@@ -149,9 +153,9 @@ def inventory(cache_dir: str, dataset: Optional[str] = None) -> Inventory:
 
     Builds a view of every file: the general path, for what the index cannot answer alone.
     """
-    paths = MetaPaths(cache_dir)
     with indexed(cache_dir) as index:
         ledger, conn = index.ledger, index.conn
+        holds = live_holds(index.cache)
         files = diskindex.all_files(conn)
         on_disk = {f.relpath for f in files}
         rows = {row.relpath: row for row in ledger.items() if row.relpath in on_disk}
@@ -162,10 +166,9 @@ def inventory(cache_dir: str, dataset: Optional[str] = None) -> Inventory:
             uris.setdefault(from_db(relpath), []).append(uri)
         partials = tuple(diskindex.partials(conn))
         lost = ledger.lost_records()
-    holds = by_identifier(live_holds(paths, reap=os.access(paths.holds_dir, os.W_OK)))
     dir_uuid = {os.path.dirname(r): row.uuid for r, row in rows.items()}
     items = tuple(ItemView(f, rows.get(f.relpath), tuple(uris.get(f.relpath, ())),
-                           _holders(f, holds), dir_uuid.get(os.path.dirname(f.relpath)))
+                           holds.holders_of(f.relpath), dir_uuid.get(os.path.dirname(f.relpath)))
                   for f in files)
     if dataset is not None:
         items = _only_dataset(items, dataset, cache_dir)
@@ -176,7 +179,7 @@ def inventory(cache_dir: str, dataset: Optional[str] = None) -> Inventory:
 
 def _only_dataset(items: Sequence[ItemView], dataset: str, cache_dir: str
                   ) -> Tuple[ItemView, ...]:
-    wanted = _normalise_dataset(dataset)
+    wanted = normalise_dataset(dataset)
     chosen = tuple(i for i in items if i.matches_dataset(wanted))
     if not chosen:
         raise BadInput(f"no cached items of dataset {dataset!r} in {cache_dir} "
@@ -193,19 +196,25 @@ def _reconcile(ledger, rows: Sequence[ItemRow]) -> int:
         return 0
 
 
-def _normalise_dataset(value: str) -> str:
+def normalise_dataset(value: str) -> str:
     return sanitise_uri(value) if "://" in value else value.strip().rstrip("/")
 
 
-def _holders(found: IndexedFile, holds) -> Tuple[Holder, ...]:
-    return holders_of_file(holds, found.identifier, found.uuid, found.relpath)
-
-
-def _held_files(conn, holds) -> Dict[str, Tuple[IndexedFile, Tuple[Holder, ...]]]:
-    """Files on disk that live processes hold, found through the index by identifier."""
+def _held_files(conn, holds: HoldsSnapshot) -> Dict[str, Tuple[IndexedFile, Tuple[Holder, ...]]]:
+    """Files on disk that live processes hold, found through the index by path (and, for
+    holds of processes older than this version, by identifier).  A holder whose holds
+    cannot be read holds every file."""
+    if holds.empty:
+        return {}
+    if holds.unreadable:
+        candidates = diskindex.all_files(conn)
+    else:
+        candidates = diskindex.files_at(conn, holds.paths)
+        if holds.identifiers:
+            candidates += diskindex.files_with_identifiers(conn, holds.identifiers)
     found = {}
-    for f in diskindex.files_with_identifiers(conn, holds):
-        holders = _holders(f, holds)
+    for f in candidates:
+        holders = holds.holders_of(f.relpath)
         if holders:
             found[f.relpath] = (f, holders)
     return found
@@ -220,9 +229,9 @@ def _views(ledger: Ledger, files: Sequence[IndexedFile], holds) -> List[ItemView
         if row is None:
             d = ledger.conn.execute("SELECT dataset FROM dirs WHERE relpath = ?",
                                     (to_db(os.path.dirname(f.relpath)),)).fetchone()
-            neighbour = d[0] if d and d[0] not in (None, "*") else None
+            neighbour = d[0] if d and isinstance(d[0], str) and d[0] != "*" else None
         views.append(ItemView(f, row, tuple(ledger.uris_of(f.relpath)) if row else (),
-                              _holders(f, holds), neighbour))
+                              holds.holders_of(f.relpath), neighbour))
     return views
 
 
@@ -243,7 +252,7 @@ class DatasetSummary:
 @dataclass(frozen=True)
 class HolderSummary:
     user: str  # user@host
-    pid: int
+    pid: Optional[int]  # None: the platform cannot say
     num_items: int
     size_bytes: int
 
@@ -270,15 +279,13 @@ class Summary:
 def summarize(cache_dir: str, now: Optional[float] = None, full_rescan: bool = False) -> Summary:
     """From the disk index's per-directory totals: no walk, no per-file work."""
     now = time.time() if now is None else now
-    paths = MetaPaths(cache_dir)
     with indexed(cache_dir, full_rescan) as index:
         ledger, conn = index.ledger, index.conn
         dirs = diskindex.dir_totals(conn)
         groups = diskindex.dataset_groups(conn, dirs)
         uris = diskindex.uris_of_datasets(conn)
         recent = [diskindex.count_accessed_since(conn, now - limit) for _, limit in AGE_BUCKETS]
-        holds = by_identifier(live_holds(paths, reap=os.access(paths.holds_dir, os.W_OK)))
-        held = _held_files(conn, holds)
+        held = _held_files(conn, live_holds(index.cache))
         lost = ledger.lost_records()
     num_items = sum(d.num_files for d in dirs)
     num_untracked = sum(d.num_untracked for d in dirs)
@@ -361,9 +368,8 @@ def list_cached(cache_dir: str, sort: str = "accessed", limit: Optional[int] = N
     key, descending = parse_sort(sort)
     if dataset is not None or (key != "accessed" and not in_use):
         return list_items(inventory(cache_dir, dataset), sort, limit, in_use, untracked)
-    paths = MetaPaths(cache_dir)
-    holds = by_identifier(live_holds(paths, reap=os.access(paths.holds_dir, os.W_OK)))
     with indexed(cache_dir) as index:
+        holds = live_holds(index.cache)
         if in_use:
             files = [f for f, _ in _held_files(index.conn, holds).values()
                      if not untracked or f.uuid is None]
@@ -387,7 +393,11 @@ def plan_clean(inv: Inventory, rules: Rules, now: Optional[float] = None) -> Cle
     skipped = tuple((c.relpath, by_relpath[c.relpath].holders)
                     for c in selection.skipped_in_use)
     files = {relpath: item.file for relpath, item in by_relpath.items()}
-    return _plan(inv.cache_dir, selection, files, skipped, inv.partials, inv.skipped, now)
+    stale: Tuple[PlannedRemoval, ...] = ()
+    if inv.partials:
+        with cachefs.open_cache(inv.cache_dir, create=False) as cache:
+            stale = _stale_partials(cache, inv.partials)
+    return _plan(inv.cache_dir, selection, files, skipped, stale, inv.skipped)
 
 
 def plan(cache_dir: str, rules: Rules, dataset: Optional[str] = None,
@@ -398,12 +408,10 @@ def plan(cache_dir: str, rules: Rules, dataset: Optional[str] = None,
                                    or rules.retain_size_bytes is None):
         return plan_clean(inventory(cache_dir, dataset), rules, now)
     now = time.time() if now is None else now
-    paths = MetaPaths(cache_dir)
-    holds = by_identifier(live_holds(paths, reap=os.access(paths.holds_dir, os.W_OK)))
     with indexed(cache_dir) as index:
         conn = index.conn
         dirs = diskindex.dir_totals(conn)
-        held = _held_files(conn, holds)
+        held = _held_files(conn, live_holds(index.cache))
         read: Dict[str, IndexedFile] = {}  # the files the selection read, to plan with
 
         def stream() -> Iterator[Candidate]:
@@ -413,10 +421,10 @@ def plan(cache_dir: str, rules: Rules, dataset: Optional[str] = None,
 
         selection = select_in_lru_order(_lru_groups(stream(), now),
                                         sum(d.file_bytes for d in dirs), rules, now)
-        partials = diskindex.partials(conn)
+        stale = _stale_partials(index.cache, diskindex.partials(conn))
     skipped = tuple((c.relpath, held[c.relpath][1]) for c in selection.skipped_in_use)
-    return _plan(cache_dir, selection, read, skipped, partials,
-                 tuple(sorted([s for d in dirs for s in d.skipped] + index.dropped)), now)
+    return _plan(cache_dir, selection, read, skipped, stale,
+                 tuple(sorted([s for d in dirs for s in d.skipped] + index.dropped)))
 
 
 def _candidate(f: IndexedFile, in_use: bool, row: Optional[ItemRow] = None) -> Candidate:
@@ -435,10 +443,15 @@ def _lru_groups(stream: Iterable[Candidate], now: float) -> Iterator[Candidate]:
         yield from sorted(group, key=lambda c: lru_key(c, now))
 
 
+def _stale_partials(cache: CacheDir, partials: Iterable[IndexedFile]
+                    ) -> Tuple[PlannedRemoval, ...]:
+    """Partial downloads nobody is fetching now (their fetch lock is free)."""
+    return tuple(PlannedRemoval(p.relpath, p.size_bytes, None, None) for p in partials
+                 if partial_is_stale(cache, p.relpath))
+
+
 def _plan(cache_dir: str, selection: Selection, files: Dict[str, IndexedFile], skipped,
-          partials, skipped_entries, now: float) -> CleanPlan:
+          stale: Tuple[PlannedRemoval, ...], skipped_entries) -> CleanPlan:
     removals = tuple(PlannedRemoval(c.relpath, c.size_bytes, files[c.relpath].identifier,
                                     files[c.relpath].uuid) for c in selection.remove)
-    stale = tuple(PlannedRemoval(p.relpath, p.size_bytes, None, None) for p in partials
-                  if now - p.mtime >= STALE_PARTIAL_SECONDS)
-    return CleanPlan(MetaPaths(cache_dir), removals, skipped, stale, tuple(skipped_entries))
+    return CleanPlan(cache_dir, removals, skipped, stale, tuple(skipped_entries))

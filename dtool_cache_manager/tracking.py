@@ -16,11 +16,12 @@ import time
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional, Set, Tuple
 
+from . import cachefs
 from .holds import HoldKey, HoldsFile
 from .host import current_access
 from .hookspecs import hookimpl
 from .journal import JournalWriter, ManifestRecord
-from .layout import MetaPaths, current_identity
+from .layout import current_identity
 
 logger = logging.getLogger(__name__)
 
@@ -38,24 +39,25 @@ class ItemState:
 class ProcessSession:
     """This process's holds file and journal in one cache directory."""
 
-    def __init__(self, paths: MetaPaths):
-        self.paths = paths
+    def __init__(self, cache: cachefs.CacheDir):
+        self.cache = cache
         identity = current_identity()
-        self.holds = HoldsFile(paths, identity)  # first: its lock marks the journal's owner live
-        self.journal = JournalWriter(paths, identity, self.holds.token)
+        self.holds = HoldsFile(cache, identity)  # first: its lock marks the journal's owner live
+        self.journal = JournalWriter(cache, identity, self.holds.token)
         self.items: Dict[Tuple[str, str], ItemState] = {}
 
     def close(self) -> None:
-        """Fold this process's journal in (a later reader does it if that fails), then drop
-        the holds."""
+        """Fold this process's journal in (a later reader does it if that fails, or if the
+        ledger's path is not safe to use from here), then drop the holds."""
         self.journal.close()
-        try:
-            from .ledger import Ledger
+        if self.cache.unsafe is None:
+            try:
+                from .ledger import Ledger
 
-            with Ledger(self.paths, timeout=2.0) as ledger:
-                ledger.compact(only_token=self.holds.token)
-        except Exception as exc:  # noqa: BLE001
-            logger.debug("dtool-cache-manager: journal left for later (%r)", exc)
+                with Ledger(self.cache, timeout=2.0) as ledger:
+                    ledger.compact(only_token=self.holds.token)
+            except Exception as exc:  # noqa: BLE001
+                logger.debug("dtool-cache-manager: journal left for later (%r)", exc)
         self.holds.close()
 
 
@@ -73,7 +75,7 @@ def session_for(cache_dir: str) -> Optional[ProcessSession]:
     with _sessions_lock:
         if cache_dir not in _sessions:
             try:
-                _sessions[cache_dir] = ProcessSession(MetaPaths(cache_dir))
+                _sessions[cache_dir] = ProcessSession(cachefs.handle_for(cache_dir))
             except OSError as exc:
                 logger.warning("dtool-cache-manager: cannot record usage in %s (%s); accesses "
                                "in this process are not tracked or protected from cleaning",
@@ -146,7 +148,9 @@ def post_item_content_abspath(uri, identifier, abspath):
             return
         state = access.state
         if state is None or access.relpath != access.plan.relpath:
-            state = ItemState(None)  # the broker surprised us: describe this path afresh
+            # The broker surprised us: hold the file it returned, and describe it afresh.
+            state = ItemState(HoldKey(uri, access.placement.uuid, identifier, access.relpath))
+            session.holds.hold(state.key, _current_scope(session.holds))
         if state.prefix is None:
             plan = access.plan
             state.prefix = session.journal.describe(

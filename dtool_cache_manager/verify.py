@@ -2,22 +2,25 @@
 
 Brokers never re-check a cached file, so a truncated download or a flipped bit is served
 for ever.  The ledger recorded each item's manifest size and hash when it was accessed, so
-checking needs no network.  Files are examined with ``lstat`` and never through symlinks;
-with ``fix``, damaged files go through :func:`executor.remove_item`, which keeps anything a
-live process holds, and the next access fetches a good copy.
+checking needs no network.  Files are reached from the cache root without following links
+and hashed through the descriptor of the very file examined (see :mod:`cachefs`); with
+``fix``, a damaged file goes through :func:`executor.remove_item`, only if it is still the
+file examined, which keeps anything a live process holds, and the next access fetches a
+good copy.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
-from dtoolcore import filehasher
-
-from . import executor
+from . import cachefs, executor
+from .cachefs import Refused
 from .holds import Holder
+from .layout import is_item_relpath
 from .ledger import ItemRow, Ledger, LedgerError
 
 OK = "ok"
@@ -26,12 +29,10 @@ WRONG_SIZE = "wrong size"
 HASH_MISMATCH = "hash mismatch"
 UNVERIFIABLE = "unverifiable"
 
-# Manifests name their hash function as dtoolcore does, e.g. "md5sum_hexdigest".  Only these
-# one-argument hex-digest functions are looked up: the name comes from a shared file.
-_HASHERS: Dict[str, Callable[[str], str]] = {
-    name: getattr(filehasher, name) for name in dir(filehasher)
-    if name.endswith("sum_hexdigest") and name != "hashsum_hexdigest"
-}
+# Manifests name their hash function as dtoolcore.filehasher does.  Only these are known:
+# the name comes from a shared file.
+_HASHERS: Dict[str, str] = {"md5sum_hexdigest": "md5", "sha1sum_hexdigest": "sha1",
+                            "sha256sum_hexdigest": "sha256"}
 
 
 @dataclass(frozen=True)
@@ -56,26 +57,35 @@ def verify(ledger: Ledger, check_hash: bool = False,
     """
     if fix and ledger.readonly:
         raise LedgerError("cannot fix: the ledger is read-only for this user")
+    if fix:
+        executor.require_safe_holds(ledger.cache)
     results = []
-    for row in sorted(ledger.items(), key=lambda r: r.relpath):
-        result, st = _check(ledger.paths.cache_dir, row, check_hash)
-        if fix and result.status in (MISSING, WRONG_SIZE, HASH_MISMATCH):
-            result = _fix(ledger, row, result, st)
-        results.append(result)
+    with cachefs.Dirs(ledger.cache.root_fd) as dirs:
+        for row in sorted(ledger.items(), key=lambda r: r.relpath):
+            dirs.trim()
+            result, st = _check(dirs, row, check_hash)
+            if fix and result.status in (MISSING, WRONG_SIZE, HASH_MISMATCH):
+                result = _fix(ledger, row, result, st)
+            results.append(result)
     return tuple(results)
 
 
-def _check(cache_dir: str, row: ItemRow,
+def _check(dirs: cachefs.Dirs, row: ItemRow,
            check_hash: bool) -> Tuple[VerifyResult, Optional[os.stat_result]]:
     expected = row.manifest_size
-    if not executor.is_inside(cache_dir, row.relpath):
+    if not is_item_relpath(row.relpath):
         return VerifyResult(row.relpath, UNVERIFIABLE, "not a path to a cached item "
                             "(outside the cache, or our bookkeeping)", expected), None
-    abspath = os.path.join(cache_dir, row.relpath)
     try:
-        st = os.lstat(abspath)
+        dir_fd, name = dirs.entry(row.relpath)
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return VerifyResult(row.relpath, MISSING, "not on disk", expected), None
+    except Refused:
+        return VerifyResult(row.relpath, UNVERIFIABLE, "its directory is a symbolic link or "
+                            "not a directory: not followed", expected), None
+    except OSError as exc:
+        return VerifyResult(row.relpath, UNVERIFIABLE, exc.strerror or str(exc), expected), None
     if not stat.S_ISREG(st.st_mode):
         return VerifyResult(row.relpath, UNVERIFIABLE, "not a regular file", expected), st
     actual = st.st_size
@@ -84,7 +94,7 @@ def _check(cache_dir: str, row: ItemRow,
                             f"{actual} bytes on disk, the manifest says {expected}",
                             expected, actual), st
     if check_hash:  # a matching hash vouches for the content even without a size
-        status, detail = _check_hash(abspath, row)
+        status, detail = _check_hash(dir_fd, name, st, row)
         return VerifyResult(row.relpath, status, detail, expected, actual), st
     if expected is None:
         return VerifyResult(row.relpath, UNVERIFIABLE, "no manifest size recorded",
@@ -92,13 +102,31 @@ def _check(cache_dir: str, row: ItemRow,
     return VerifyResult(row.relpath, OK, "", expected, actual), st
 
 
-def _check_hash(abspath: str, row: ItemRow) -> Tuple[str, str]:
+def _check_hash(dir_fd: int, name: str, examined: os.stat_result,
+                row: ItemRow) -> Tuple[str, str]:
     if not row.manifest_hash or not row.hash_function:
         return UNVERIFIABLE, "no manifest hash recorded"
-    hasher = _HASHERS.get(row.hash_function)
-    if hasher is None:
+    algorithm = _HASHERS.get(row.hash_function)
+    if algorithm is None:
         return UNVERIFIABLE, f"unknown hash function {row.hash_function!r}"
-    actual = hasher(abspath)  # dtoolcore reads in 64 KiB chunks
+    try:
+        fd, st = cachefs.open_file(dir_fd, name)
+    except OSError as exc:
+        return UNVERIFIABLE, f"cannot read it ({exc.strerror or exc})"
+    try:
+        if (st.st_dev, st.st_ino) != (examined.st_dev, examined.st_ino):
+            return UNVERIFIABLE, "replaced while verifying"
+        hasher = hashlib.new(algorithm)
+        offset = 0
+        while True:
+            chunk = os.pread(fd, 1 << 20, offset)
+            if not chunk:
+                break
+            hasher.update(chunk)
+            offset += len(chunk)
+    finally:
+        os.close(fd)
+    actual = hasher.hexdigest()
     if actual.lower() != row.manifest_hash.strip().lower():
         return HASH_MISMATCH, f"{row.hash_function} is {actual}, the manifest says " \
                               f"{row.manifest_hash}"
@@ -107,25 +135,19 @@ def _check_hash(abspath: str, row: ItemRow) -> Tuple[str, str]:
 
 def _fix(ledger: Ledger, row: ItemRow, result: VerifyResult,
          st: Optional[os.stat_result]) -> VerifyResult:
-    """Remove a damaged file, or forget a missing one, through the executor's gate."""
-    if st is not None and not _unchanged(ledger.paths.cache_dir, row.relpath, st):
-        # Replaced since we looked (say, re-fetched by an access): judge it next time.
-        return replace(result, detail=f"{result.detail}; changed while verifying, left alone")
-    outcome = executor.remove_item(ledger, row)
+    """Remove a damaged file (only the very file examined), or forget a missing one (if it
+    is still missing), through the executor's gate."""
+    if st is None:
+        if executor.forget_vanished(ledger, [row]):
+            return replace(result, fixed=True)
+        return replace(result, detail=f"{result.detail}; back on disk or in use, left alone")
+    outcome = executor.remove_item(ledger, row, same_as=st)
     if outcome.holders:
         who = ", ".join(h.describe() for h in outcome.holders)
         return replace(result, detail=f"{result.detail}; kept, in use by {who}",
-                     holders=outcome.holders)
+                       holders=outcome.holders)
     if outcome.removed or ledger.item(row.relpath) is None:
         return replace(result, fixed=True)
+    if "replaced" in outcome.reason:  # re-fetched by an access meanwhile: judge it next time
+        return replace(result, detail=f"{result.detail}; changed while verifying, left alone")
     return replace(result, detail=f"{result.detail}; kept, {outcome.reason}")
-
-
-def _unchanged(cache_dir: str, relpath: str, before: os.stat_result) -> bool:
-    try:
-        now = os.lstat(os.path.join(cache_dir, relpath))
-    except FileNotFoundError:
-        return False
-    return (now.st_ino, now.st_size, now.st_mtime_ns) == (
-        before.st_ino, before.st_size, before.st_mtime_ns)
-

@@ -136,3 +136,20 @@ def s3_dataset(s3_server, tmp_path, monkeypatch):
         )
 
     return make
+
+
+# CI must run everything: a test skipped there (say, one needing root) would pass unseen.
+REQUIRE_ALL_ENV = "DCM_REQUIRE_ALL_TESTS"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get(REQUIRE_ALL_ENV, "").strip() in ("", "0"):
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if skipped:
+        reporter.write_line(f"{REQUIRE_ALL_ENV} is set, yet {len(skipped)} tests were "
+                            "skipped:", red=True)
+        for report in skipped:
+            reporter.write_line(f"  {report.nodeid}")
+        session.exitstatus = 1

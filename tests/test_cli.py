@@ -239,18 +239,42 @@ def test_untracked_and_vanished_files_are_reconciled(http_dataset, cache_dir, ma
     assert (again["removed"], again["freed_bytes"]) == ([], 0)
 
 
-def test_stale_partial_downloads_are_removed_fresh_ones_kept(cache_dir, make_env):
+# A download in progress, as the cleaner sees it: a live process holding the file's fetch
+# lock (every download of ours runs under it), until told to go.
+FETCHING = """
+import sys
+from dtool_cache_manager import cachefs
+from dtool_cache_manager.rangelock import open_range_lock
+cache = cachefs.handle_for(sys.argv[1])
+with open_range_lock(cache, cachefs.FETCH_LOCK).locked(sys.argv[2], exclusive=True):
+    print("fetching", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_dead_partial_downloads_are_removed_live_ones_kept(cache_dir, make_env):
+    """A '*.tmp' nobody is fetching (its fetch lock is free) is a dead download's, however
+    new; one whose fetch lock a live process holds is kept, however old."""
     (cache_dir / "ds").mkdir()
-    stale, fresh = cache_dir / "ds" / "old.tmp", cache_dir / "ds" / "new.tmp"
-    stale.write_bytes(b"s" * 10)
-    fresh.write_bytes(b"f" * 20)
+    dead, live = cache_dir / "ds" / "old.tmp", cache_dir / "ds" / "new.tmp"
+    dead.write_bytes(b"s" * 10)
+    live.write_bytes(b"f" * 20)
     two_hours_ago = time.time() - 7200
-    os.utime(stale, (two_hours_ago, two_hours_ago))
+    os.utime(live, (two_hours_ago, two_hours_ago))
     env = make_env(cache_dir)
     assert json.loads(dtool_cache("summary", "--json", env=env).stdout)["num_partial"] == 2
+    fetcher = subprocess.Popen([sys.executable, "-c", FETCHING, str(cache_dir), "ds/new"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                               env=env)
+    try:
+        assert fetcher.stdout.readline() == "fetching\n"
+        result = json.loads(dtool_cache("clean", "--all", "--yes", "--json", env=env).stdout)
+        assert result["removed"] == ["ds/old.tmp"] and result["freed_bytes"] == 10
+        assert live.exists() and not dead.exists()
+    finally:
+        fetcher.communicate("go\n", timeout=60)
     result = json.loads(dtool_cache("clean", "--all", "--yes", "--json", env=env).stdout)
-    assert result["removed"] == ["ds/old.tmp"] and result["freed_bytes"] == 10
-    assert fresh.exists()
+    assert result["removed"] == ["ds/new.tmp"] and not live.exists()
 
 
 # -- bad input -------------------------------------------------------------------------

@@ -128,6 +128,15 @@ def test_schema_v1_is_upgraded_in_place(tmp_path):
 
 
 # What version 5 changed, to turn a ledger back into a version 4 one.
+# What version 6 added, to turn a version 6 ledger into a version 5 one.
+TO_SCHEMA_V5 = """
+CREATE TABLE journals_v5 (token TEXT PRIMARY KEY, offset INTEGER NOT NULL);
+INSERT INTO journals_v5 SELECT token, offset FROM journals;
+DROP TABLE journals;
+ALTER TABLE journals_v5 RENAME TO journals;
+UPDATE meta SET value = '5' WHERE key = 'schema_version';
+"""
+
 TO_SCHEMA_V4 = f"""
 {ledger_module._ITEMS_TABLE.format(name="items_v4").replace("WITHOUT ROWID", "")};
 INSERT INTO items_v4 SELECT * FROM items;
@@ -157,12 +166,13 @@ UPDATE meta SET value = '3' WHERE key = 'schema_version';
 """
 
 
-@pytest.mark.parametrize("downgrade", [[TO_SCHEMA_V4], [TO_SCHEMA_V4, TO_SCHEMA_V3]],
-                         ids=["v4", "v3"])
+@pytest.mark.parametrize("downgrade", [[TO_SCHEMA_V5], [TO_SCHEMA_V5, TO_SCHEMA_V4],
+                                       [TO_SCHEMA_V5, TO_SCHEMA_V4, TO_SCHEMA_V3]],
+                         ids=["v5", "v4", "v3"])
 def test_older_schema_is_upgraded_in_place(downgrade, filled, cache_dir, make_env):
     """Version 4 drops three indexes every removal paid for, version 5 stores items by path
-    and counts their removal without a trigger; the figures stay the same, and the count of
-    rows stays right through a clean."""
+    and counts their removal without a trigger, version 6 remembers each journal's inode;
+    the figures stay the same, and the count of rows stays right through a clean."""
     env = make_env(cache_dir)
 
     def report():
@@ -188,6 +198,7 @@ def test_older_schema_is_upgraded_in_place(downgrade, filled, cache_dir, make_en
     assert set(indexes) == {"items_by_dataset", "dirs_by_parent", "files_by_last_use"}
     assert set(triggers) == {"items_counted_in"}
     assert "WITHOUT ROWID" in tables["items"] and "WITHOUT ROWID" in tables["removals"]
+    assert "ino" in tables["journals"]
     assert before[0]["num_items"] == 3 and len(before[1]) == 3
 
     subprocess.run(["dtool-cache", "clean", "--retain-size", "0", "--yes"], check=True,

@@ -35,9 +35,7 @@ import pytest
 
 import dtool_cache_manager as dcm
 from dtool_cache_manager import report
-from dtool_cache_manager.holds import live_holds
-from dtool_cache_manager.layout import MetaPaths
-from support import disk_files
+from support import Bookkeeping, disk_files, holds_now
 from support.procs import Children
 
 pytestmark = pytest.mark.slow
@@ -246,7 +244,7 @@ def test_sigkill_at_random_moments_keeps_every_invariant(http_dataset, http_serv
     monkeypatch.setattr(http_server, "handle_error", cut)
 
     env = make_env(cache_dir)
-    paths = MetaPaths(str(cache_dir))
+    paths = Bookkeeping(cache_dir)
     ledger_path = paths.ledger
     starts, dones, counted = collections.Counter(), collections.Counter(), collections.Counter()
     kills, stats = collections.Counter(), collections.Counter()
@@ -292,7 +290,8 @@ def test_sigkill_at_random_moments_keeps_every_invariant(http_dataset, http_serv
                 # nothing, and everyone else still makes progress.
                 if os.path.exists(ledger_path):
                     assert _integrity(ledger_path) == [("ok",)], where
-                assert victim.pid not in {h.pid for h in live_holds(paths)}, where
+                assert victim.pid not in {h.pid for hs in holds_now(cache_dir).paths.values()
+                                          for h in hs}, where
                 for proc, role, drain in zip(kids.procs[1:], companions, drains[1:]):
                     target = max(MIN_ROUNDS[role], drain.rounds + 1)
                     assert drain.wait_rounds(target, LIVENESS_TIMEOUT_S), (
@@ -366,7 +365,7 @@ def test_sigkill_at_random_moments_keeps_every_invariant(http_dataset, http_serv
             untracked = sum(1 for item in inv.items if item.row is None)
             stats["max untracked files"] = max(stats["max untracked files"], untracked)
 
-            assert live_holds(paths) == {}, where
+            assert holds_now(cache_dir).empty, where
             for ident in ids:
                 assert dcm.cache_item_lock_counter(ds.uri, ident,
                                                    cache_dir=str(cache_dir)) == 0, (

@@ -23,7 +23,7 @@ from support import subprocess_env
 from support.datasets import file_md5_hex
 from support.users import (GROUP, HoldingChild, dtool_cache, dtool_fetch, make_group_cache,
                            make_users, needs_root, python_access, remove_tree, run_as,
-                           shared_tmp)
+                           set_up_as_data_manager, shared_tmp)
 
 pytestmark = needs_root
 
@@ -39,9 +39,12 @@ def users():
 
 @pytest.fixture
 def cache():
-    """``<fresh dir 0755>/cache``, root:dcmshare, mode 2775."""
+    """``<fresh dir 0755>/cache``, root:dcmshare, mode 2775, set up by its data manager
+    (root) as the README says."""
     base = shared_tmp("dcm-group-")
-    yield make_group_cache(base)
+    cache = make_group_cache(base)
+    set_up_as_data_manager(cache)
+    yield cache
     remove_tree(base)
 
 
@@ -137,18 +140,20 @@ with dcm.open_ledger(sys.argv[1]) as ledger:
 """
 
 
-def test_everything_we_create_is_group_writable(http_dataset, users, cache):
-    """With umask 022, every file and directory of ours (ledger, -wal, -shm, journal, holds,
-    gate.lock, fetch.lock) and every directory in the cache is group-readable and -writable,
-    and in the cache's group; item files are at least group-readable."""
+def test_members_write_what_they_must_and_nothing_else(http_dataset, users, cache):
+    """With umask 022: what every member must write is group-writable and in the cache's
+    group (the ledger with its -wal and -shm, the lock and log files, dataset directories);
+    holds/ and journal/ are sticky, so a member adds files there and removes only her own;
+    each process's holds file and journal are writable by its owner only; the bookkeeping
+    directory itself is the data manager's alone; items are at least group-readable."""
     alice, bob, carol = users["alice"], users["bob"], users["carol"]
     ds = http_dataset({"a.txt": b"a" * 100, "b.txt": b"b" * 200})
     other = http_dataset({"x.txt": b"x" * 300})
     env = subprocess_env(cache)
-    ok(dtool_fetch(bob, ds.uri, ds.identifiers["a.txt"], env))  # bob creates ledger and dirs
+    ok(dtool_fetch(bob, ds.uri, ds.identifiers["a.txt"], env))  # bob folds into the ledger
     ok(python_access(alice, other.uri, [other.identifiers["x.txt"]], env))
     with HoldingChild(alice, ds.uri, [ds.identifiers["b.txt"]], env) as holder:
-        # carol keeps the ledger open, so that its -wal and -shm exist while we look.
+        # carol keeps the ledger open while we look.
         reader = subprocess.Popen([sys.executable, "-c", HOLD_LEDGER_OPEN, cache],
                                   env=carol.env(env), preexec_fn=carol.preexec(), cwd=carol.home,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -163,30 +168,75 @@ def test_everything_we_create_is_group_writable(http_dataset, users, cache):
 
     gid = grp.getgrnam(GROUP).gr_gid
     meta = os.path.join(cache, META)
-    expected = ["", "ledger.sqlite3", "ledger.sqlite3-wal", "ledger.sqlite3-shm", "journal",
-                "holds", "gate.lock", "fetch.lock"]
-    for name in expected:
-        assert os.path.join(meta, name).rstrip("/") in modes, (name, sorted(modes))
-    assert any(p.startswith(os.path.join(meta, "holds") + "/") for p in modes)  # alice's
-    assert any(p.startswith(os.path.join(meta, "journal") + "/") for p in modes)
+    shared_files = ["ledger.sqlite3", "ledger.sqlite3-wal", "ledger.sqlite3-shm", "gate.lock",
+                    "fetch.lock", "autoclean.lock", "autoclean.log"]
+    for name in shared_files + ["holds", "journal"]:
+        assert os.path.join(meta, name) in modes, (name, sorted(modes))
+    per_process = [p for p in modes if os.path.dirname(p) in (
+        os.path.join(meta, "holds"), os.path.join(meta, "journal"))]
+    assert per_process  # alice's holds file and journal, while she held b.txt
 
     bad = []
     for path, (mode, owner_gid, kind) in sorted(modes.items()):
-        ours = path == meta or path.startswith(meta + "/")
-        if kind == "dir":
-            if mode & 0o070 != 0o070 or not mode & stat.S_ISGID:
-                bad.append((path, oct(mode), "directory not group-rwx + setgid"))
-        elif ours and mode & 0o060 != 0o060:
-            bad.append((path, oct(mode), "file of ours not group-rw"))
-        elif not ours and mode & 0o040 != 0o040:
-            bad.append((path, oct(mode), "item file not group-readable"))
+        if path == meta:
+            want, what = (0o2755, 0o7777), "bookkeeping directory: setgid, owner-writable only"
+        elif path in (os.path.join(meta, "holds"), os.path.join(meta, "journal")):
+            want, what = (0o3775, 0o7777), "sticky, setgid, group-rwx"
+        elif path in [os.path.join(meta, n) for n in shared_files]:
+            want, what = (0o660, 0o660), "group-rw"
+        elif path in per_process:
+            want, what = (0o644, 0o7777), "writable by its owner only"
+        elif kind == "dir":
+            want, what = (0o2070, 0o2070), "dataset directory: group-rwx + setgid"
+        else:
+            want, what = (0o040, 0o040), "item file: group-readable"
+        if mode & want[1] != want[0]:
+            bad.append((path, oct(mode), what))
         if owner_gid != gid:
             bad.append((path, owner_gid, f"not in group {GROUP}"))
     assert bad == []
+    assert os.stat(cache).st_mode & 0o7777 == 0o3775  # made sticky by the data manager
     # The brokers' dataset directories were made by our host before the miss.
     for d in (ds, other):
         dataset_dir = os.path.dirname(d.cache_path(cache, next(iter(d.identifiers))))
         assert modes[dataset_dir][2] == "dir"
+
+
+def test_a_members_bookkeeping_is_refused_by_others_until_root_adopts_it(http_dataset,
+                                                                         users):
+    """A sticky cache set up without its data manager: bob's first access makes the
+    bookkeeping and the ledger, so they are his.  alice's accesses are still tracked and
+    held, but her commands, which would trust a ledger bob controls, refuse in one line
+    saying what to do, and so does her clean; root's first command gives the bookkeeping
+    to the cache's owner, and everything works for all."""
+    alice, bob = users["alice"], users["bob"]
+    base = shared_tmp("dcm-group-")
+    try:
+        cache = make_group_cache(base)
+        os.chmod(cache, 0o3775)
+        ds = http_dataset({"a.txt": b"a" * 100, "b.txt": b"b" * 200})
+        env = subprocess_env(cache)
+        ok(dtool_fetch(bob, ds.uri, ds.identifiers["a.txt"], env))
+        assert os.stat(os.path.join(cache, META)).st_uid == bob.uid
+        assert os.stat(os.path.join(cache, META, "ledger.sqlite3")).st_uid == bob.uid
+        result = dtool_fetch(alice, ds.uri, ds.identifiers["b.txt"], env)
+        assert result.returncode == 0, result.stderr
+        for args in (("summary",), ("clean", "--all", "--yes")):
+            refused = dtool_cache(alice, *args, env=env)
+            assert refused.returncode == 1 and "Traceback" not in refused.stderr
+            (line,) = refused.stderr.strip().splitlines()
+            assert line.startswith("Error: ") and "dtool cache" in line, line
+        assert len(cache_files(cache)) == 2
+
+        ok(dtool_cache(None, "summary", env=env))  # root adopts
+        assert os.stat(os.path.join(cache, META)).st_uid == 0
+        assert os.stat(cache).st_mode & stat.S_ISVTX
+        summary = json.loads(ok(dtool_cache(alice, "summary", "--json", env=env)))
+        assert (summary["num_items"], summary["num_untracked"]) == (2, 0)
+        audit = json.loads(ok(dtool_cache(alice, "audit", "--json", env=env)))
+        assert {r["key"] for r in audit["rows"]} == {alice.at_host, bob.at_host}
+    finally:
+        remove_tree(base)
 
 
 def _walk_modes(cache):

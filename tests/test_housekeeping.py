@@ -17,7 +17,7 @@ import pytest
 
 from dtool_cache_manager import housekeeping as hk
 from dtool_cache_manager import settings as st
-from dtool_cache_manager.layout import MetaPaths, ensure_dir
+from dtool_cache_manager import cachefs
 from support import disk_files
 from support.datasets import file_md5_hex
 
@@ -51,11 +51,11 @@ sys.stdin.readline()
 # item (which takes the gate exclusively) waits until this process is told to go.
 GATE = """
 import sys
+from dtool_cache_manager import cachefs
 from dtool_cache_manager.holds import gate_key
-from dtool_cache_manager.layout import MetaPaths
 from dtool_cache_manager.rangelock import open_range_lock
-paths = MetaPaths(sys.argv[1])
-with open_range_lock(paths.gate_lock, paths.shared).locked(gate_key(sys.argv[2]), False):
+cache = cachefs.handle_for(sys.argv[1])
+with open_range_lock(cache, cachefs.GATE_LOCK).locked(gate_key(sys.argv[2]), False):
     print("ready", flush=True)
     sys.stdin.readline()
 """
@@ -254,7 +254,7 @@ def test_a_bad_setting_never_fails_an_access(http_dataset, cache_dir, hk_env, wh
     assert len(warnings) == 1, stderr  # once per process, not once per access
     assert ("DTOOL_CACHE_MAX_SIZE" if where == "env" else "DTOOL_CACHE_MAX_AGE") in warnings[0]
     assert "Traceback" not in stderr
-    assert not os.path.exists(lock_path(cache_dir))
+    assert log_entries(cache_dir) == []  # no run was started
 
     summary = dtool_cache("summary", "--json", env=env)
     assert summary.returncode == 0, summary.stderr
@@ -319,7 +319,7 @@ def test_bad_config_input_is_one_line_and_writes_nothing(hk_env, args):
 def test_autoclean_by_hand_uses_the_same_path(http_dataset, cache_dir, hk_env):
     ds = http_dataset({f"f{i}.bin": b"y" * (10 * KB) for i in range(4)})
     access(ds, list(ds.identifiers.values()), hk_env())  # no limit: nothing happens
-    assert not os.path.exists(lock_path(cache_dir))
+    assert log_entries(cache_dir) == []
     assert dtool_cache("autoclean", env=hk_env()).returncode == 2  # no limit set
 
     result = dtool_cache("autoclean", "--json", env=hk_env(max_size="25KB"))
@@ -329,11 +329,11 @@ def test_autoclean_by_hand_uses_the_same_path(http_dataset, cache_dir, hk_env):
     assert (run["size_before_bytes"], run["size_after_bytes"]) == (40 * KB, 20 * KB)
     assert sum(disk_files(cache_dir).values()) == 20 * KB
     assert log_entries(cache_dir) == [run]
-    with open(os.path.join(cache_dir, META, "autoclean.json")) as fh:
-        assert json.load(fh) == run
+    with cachefs.open_cache(str(cache_dir)) as cache:
+        assert hk.read_last_run(cache).to_json() == run  # the log's last line
 
-    # Another run holds the lock: this one says so and does nothing.
-    fd = hk.try_lock(hk.files_of(str(cache_dir)))
+        # Another run holds the lock: this one says so and does nothing.
+        fd = hk.try_lock(cache)
     try:
         busy = dtool_cache("autoclean", env=hk_env(max_size="1KB"))
     finally:
@@ -353,14 +353,16 @@ def test_status_creates_nothing_and_sees_a_running_clean(tmp_path, cache_dir, mo
         False, None, 30 * 86400.0)
     assert not missing.exists()
 
-    files = hk.files_of(str(cache_dir))
-    ensure_dir(files.meta.meta_dir)
-    fd = hk.try_lock(files)
-    try:
-        assert hk.status(str(cache_dir)).running is True
-        assert hk.try_lock(files) is None  # only one run at a time
-    finally:
-        os.close(fd)
+    with cachefs.open_cache(str(cache_dir)) as cache:
+        fd = hk.try_lock(cache)
+        try:
+            status = hk.status(str(cache_dir))
+            assert status.running is True
+            me = pwd.getpwuid(os.geteuid()).pw_name
+            assert status.holder == (me, os.getpid())  # named as the kernel knows it
+            assert hk.try_lock(cache) is None  # only one run at a time
+        finally:
+            os.close(fd)
     assert hk.status(str(cache_dir)).running is False
 
 
@@ -377,7 +379,6 @@ def test_the_hook_reaps_its_children_and_never_raises(tmp_path, cache_dir, monke
     monkeypatch.setattr(hk, "_tallies", {})
     monkeypatch.setattr(hk, "_children", [])
     monkeypatch.setattr(hk, "_warned", set())
-    ensure_dir(MetaPaths(str(cache_dir)).meta_dir)
 
     hk.after_miss(str(cache_dir), 10)  # never measured: starts a run
     (child,) = hk._children
@@ -390,16 +391,17 @@ def test_the_hook_reaps_its_children_and_never_raises(tmp_path, cache_dir, monke
     assert (run["trigger"], run["triggered_by"]) == ("unmeasured", os.getpid())
 
     caplog.set_level(logging.WARNING)
+    (cache_dir / "a-file").write_bytes(b"")
     for _ in range(3):
-        assert hk.after_miss(str(cache_dir / "not-a-cache" / "x"), 10) is None
+        assert hk.after_miss(str(cache_dir / "a-file" / "x"), 10) is None
     failures = [r for r in caplog.records if "automatic housekeeping failed" in r.message]
     assert len(failures) == 1
 
 
 def test_in_a_group_shared_cache_the_files_are_group_writable(cache_dir, monkeypatch,
                                                               tmp_path):
-    """Any member's miss may start the next run, so any member must be able to lock, log
-    and replace the state, whatever the umask of the member who ran first."""
+    """Any member's miss may start the next run, so any member must be able to lock and log,
+    whatever the umask of the member who ran first."""
     os.chmod(cache_dir, 0o2775)
     for key in st.KEYS:
         monkeypatch.delenv(key, raising=False)
@@ -411,6 +413,6 @@ def test_in_a_group_shared_cache_the_files_are_group_writable(cache_dir, monkeyp
     finally:
         os.umask(old_umask)
     assert run.error is None and run.trigger == "manual"
-    files = hk.files_of(str(cache_dir))
-    for path in (files.lock, files.log, files.state):
+    for name in ("autoclean.lock", "autoclean.log"):
+        path = os.path.join(cache_dir, META, name)
         assert os.stat(path).st_mode & 0o777 == 0o664, path

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from dtool_cache_manager import housekeeping as hk
+from dtool_cache_manager import cachefs, housekeeping as hk
 from dtool_cache_manager import settings as st
 
 GB = 1000 ** 3
@@ -145,10 +145,9 @@ def test_a_process_counts_only_its_fetches_since_the_last_run(tmp_path):
     tally.add(100.7, 5)
     tally.add(102.0, 7)
     tally.add(103.5, 1)
-    files = hk.files_of(str(tmp_path))
-    os.makedirs(files.meta.meta_dir)
-    hk._write_state(files, json.dumps(_run(102.4, 0).to_json()).encode())
-    assert tally.observe(files).start == 102.4
+    with cachefs.open_cache(str(tmp_path)) as cache:
+        hk._append_log(cache, (json.dumps(_run(102.4, 0).to_json()) + "\n").encode())
+        assert tally.observe(cache).start == 102.4
     assert tally.fetched_bytes == 8  # 102.0 is in the second the run started: kept
 
 

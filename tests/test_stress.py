@@ -21,9 +21,7 @@ import pytest
 
 import dtool_cache_manager as dcm
 from dtool_cache_manager import report
-from dtool_cache_manager.holds import live_holds
-from dtool_cache_manager.layout import MetaPaths
-from support import disk_files
+from support import Bookkeeping, disk_files, holds_now
 from support.procs import BARRIER, Children
 
 pytestmark = pytest.mark.slow
@@ -166,7 +164,7 @@ def test_accessors_and_cli_cleaners_under_sustained_contention(http_dataset, cac
     assert removed > 0, figures
     assert gets > n_items, figures
 
-    paths = MetaPaths(str(cache_dir))
+    paths = Bookkeeping(cache_dir)
     with dcm.open_ledger(str(cache_dir)) as ledger:
         usage = ledger.conn.execute(
             "SELECT uri, identifier, sum(hits + misses), sum(misses) FROM usage "
@@ -203,7 +201,7 @@ def test_accessors_and_cli_cleaners_under_sustained_contention(http_dataset, cac
     assert misses == gets, f"{figures}: {misses} misses recorded, {gets} item GETs served"
 
     # All children exited: nothing is held and every journal was folded in.
-    assert live_holds(paths) == {}, figures
+    assert holds_now(cache_dir).empty, figures
     for ds, items in datasets:
         for relpath in items:
             assert dcm.cache_item_lock_counter(ds.uri, ds.identifiers[relpath],

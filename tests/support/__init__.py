@@ -49,3 +49,23 @@ def disk_files(cache_dir, partials=True):
                 continue
             found[os.path.relpath(path, cache_dir)] = os.path.getsize(path)
     return found
+
+
+class Bookkeeping:
+    """Where the package keeps its bookkeeping in ``cache_dir`` (for tests that look)."""
+
+    def __init__(self, cache_dir):
+        self.cache_dir = str(cache_dir)
+        self.meta_dir = os.path.join(self.cache_dir, ".dtool-cache-manager")
+        self.ledger = os.path.join(self.meta_dir, "ledger.sqlite3")
+        self.journal_dir = os.path.join(self.meta_dir, "journal")
+        self.holds_dir = os.path.join(self.meta_dir, "holds")
+
+
+def holds_now(cache_dir):
+    """The live holds of ``cache_dir`` as the package reads them (a HoldsSnapshot)."""
+    from dtool_cache_manager import cachefs
+    from dtool_cache_manager.holds import live_holds
+
+    with cachefs.open_cache(str(cache_dir), create=False) as cache:
+        return live_holds(cache)

@@ -126,6 +126,17 @@ def make_group_cache(base_dir: str, group: str = GROUP) -> str:
     return cache
 
 
+def set_up_as_data_manager(cache: str) -> None:
+    """What the README asks of whoever sets up a group cache: one ``dtool cache`` command
+    as the cache's owner (root here), which makes the bookkeeping theirs and the cache
+    directory sticky."""
+    result = subprocess.run(["dtool-cache", "summary", "--cache-dir", cache], text=True,
+                            capture_output=True, timeout=120, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "PATH": os.path.dirname(sys.executable)
+                                 + os.pathsep + os.environ.get("PATH", "")})
+    assert result.returncode == 0, result.stderr
+
+
 def remove_tree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
