@@ -46,6 +46,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
+from .errors import CacheManagerError
 from .layout import META_DIRNAME
 
 _logger = logging.getLogger(__name__)
@@ -74,6 +75,17 @@ _WRITE_BITS = stat.S_IWGRP | stat.S_IWOTH
 class Refused(OSError):
     """An entry we do not act on: a symbolic link, a FIFO where a file belongs, a hard link
     where we would write, a file over its size cap.  ``str()`` is one line naming it."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class CacheUnavailable(CacheManagerError, OSError):
+    """The cache directory itself cannot be opened (missing, not a directory, not ours to
+    read); the message is one line."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 # -- primitives ------------------------------------------------------------------------
@@ -158,7 +170,7 @@ def open_file(dir_fd: int, name: str, flags: int = os.O_RDONLY, mode: int = OWN_
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise Refused(errno.EINVAL, f"{name!r} is not a regular file")
-        if single_link and st.st_nlink != 1:
+        if single_link and st.st_nlink > 1:  # (0: removed meanwhile, harmless)
             raise Refused(errno.EMLINK, f"{name!r} has other names (a hard link)")
     except BaseException:
         os.close(fd)
@@ -200,6 +212,16 @@ def unlink_entry(dir_fd: int, name: str, regular: bool = True,
         raise Refused(errno.ESTALE, f"{name!r} was replaced meanwhile")
     os.unlink(name, dir_fd=dir_fd)
     return st
+
+
+def rename_entry(dir_fd: int, name: str, new_name: str) -> None:
+    """Rename within one verified directory (replacing ``new_name``, as ``rename`` does)."""
+    os.replace(name, new_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+def link_entry(dir_fd: int, name: str, new_name: str) -> None:
+    """A second name in the same verified directory; FileExistsError if it is taken."""
+    os.link(name, new_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
 
 
 def rename_aside(dir_fd: int, name: str, why: str) -> str:
@@ -445,9 +467,13 @@ def open_cache(path: str, create: bool = True, repair: bool = False,
     root, adopt the bookkeeping for the cache directory's owner.  Raises OSError only for
     the cache directory itself.
     """
-    if make_root:
-        os.makedirs(path, exist_ok=True)
-    root_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if make_root:
+            os.makedirs(path, exist_ok=True)
+        root_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CacheUnavailable(exc.errno, f"cannot open the cache directory {path}: "
+                                          f"{exc.strerror}") from None
     cache = CacheDir(path, root_fd, os.fstat(root_fd))
     try:
         _prepare(cache, create, repair)
@@ -465,7 +491,7 @@ def _prepare(cache: CacheDir, create: bool, repair: bool) -> None:
         cache.repairs.append(f"made {cache.path} sticky (chmod +t)")
     cache.meta_fd = _open_meta(cache, create, repair)
     if cache.meta_fd is None:
-        cache.unsafe = cache.holds_unsafe = f"{cache.meta_path} is missing"
+        cache.unsafe = cache.holds_unsafe = cache.unsafe or f"{cache.meta_path} is missing"
         return
     cache.meta_stat = os.fstat(cache.meta_fd)
     if repair:
@@ -500,7 +526,11 @@ def _open_meta(cache: CacheDir, create: bool, repair: bool) -> Optional[int]:
             return fd
         except Refused:
             if not (repair and os.geteuid() in (0, cache.root_stat.st_uid)):
-                raise
+                cache.unsafe = (f"{cache.meta_path} is not a directory (a link, or another "
+                                "kind of file); ask the cache's owner "
+                                f"({user_name(cache.root_stat.st_uid)}) to run any "
+                                "'dtool cache' command there, which moves it aside")
+                return None
             aside = rename_aside(cache.root_fd, META_DIRNAME, "unsafe")
             cache.repairs.append(f"moved {cache.meta_path}, not a directory, to {aside}")
     return None
@@ -601,7 +631,9 @@ def _make_infra(cache: CacheDir, repair: bool) -> None:
         _remove_dead_creations(cache.meta_fd)
     for name in INFRA_FILES + (LEDGER_FILES if repair else ()):
         st = entry_stat(cache.meta_fd, name)
-        if st is not None and repair and (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1) \
+        # A link count of 0 is a file being removed (SQLite drops -wal and -shm when its
+        # last connection closes): only more than one name makes a hard link.
+        if st is not None and repair and (not stat.S_ISREG(st.st_mode) or st.st_nlink > 1) \
                 and not _being_created(cache.meta_fd, name, st):
             if name in LEDGER_FILES:
                 for ledger_name in LEDGER_FILES:  # a ledger goes aside with its WAL
@@ -609,7 +641,8 @@ def _make_infra(cache: CacheDir, repair: bool) -> None:
                         rename_aside(cache.meta_fd, ledger_name, "corrupt")
                 _logger.warning("dtool-cache-manager: moved the ledger in %s aside: %s was "
                                 "not a regular file with one name (no cached file was "
-                                "touched)", cache.meta_path, name)
+                                "touched) [mode %o, links %d]", cache.meta_path, name,
+                                st.st_mode, st.st_nlink)
                 continue
             if stat.S_ISDIR(st.st_mode):
                 rename_aside(cache.meta_fd, name, "unsafe")

@@ -170,7 +170,10 @@ def refresh(conn: sqlite3.Connection, cache: CacheDir, full: bool = False,
                     st = os.fstat(cache.root_fd)
                 else:
                     parent, name = dirs.entry(rel)
-                    st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+                    found = cachefs.entry_stat(parent, name)
+                    if found is None:
+                        raise FileNotFoundError(rel)
+                    st = found
             except (FileNotFoundError, NotADirectoryError, Refused):
                 gone.append(rel)
                 continue
@@ -327,11 +330,8 @@ class _Scanner:
         for sub in subdirs:
             if sub in old_subdirs:
                 continue  # a known subdirectory is checked by its own mtime
-            try:
-                sub_stat = os.stat(os.path.basename(sub), dir_fd=dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if not stat.S_ISDIR(sub_stat.st_mode):
+            sub_stat = cachefs.entry_stat(dir_fd, os.path.basename(sub))
+            if sub_stat is None or not stat.S_ISDIR(sub_stat.st_mode):
                 continue  # swapped for something else since the listing
             conn.execute("INSERT OR REPLACE INTO dirs (relpath, parent) VALUES (?, ?)",
                          (to_db(sub), to_db(rel)))

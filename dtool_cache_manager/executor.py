@@ -378,7 +378,7 @@ def _unlink_regular_file(dir_fd: int, name: str, relpath: str,
     except FileNotFoundError:
         return RemovalOutcome(relpath, False, reason=ALREADY_GONE), 0
     except Refused as exc:
-        return RemovalOutcome(relpath, False, reason=str(exc).split("] ", 1)[-1]), None
+        return RemovalOutcome(relpath, False, reason=str(exc)), None
     except OSError as exc:  # e.g. permission denied in a shared cache: keep going
         return RemovalOutcome(relpath, False, reason=str(exc)), None
     return RemovalOutcome(relpath, True, freed_bytes=st.st_size), st.st_ino

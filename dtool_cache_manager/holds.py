@@ -40,7 +40,7 @@ from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Set, Tu
 from . import cachefs
 from .cachefs import CacheDir, Refused
 from .layout import Identity, is_item_relpath
-from .rangelock import GateBusy, open_range_lock
+from .rangelock import GateBusy, RangeLockFile, open_range_lock
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,11 @@ class HoldsFile:
             raise Refused(errno.ENOENT, cache.holds_unsafe or "no holds directory")
         self.identity = identity
         self.token = token or f"{identity.host}.{identity.pid}.{secrets.token_hex(4)}"
-        self.gate = open_range_lock(cache, cachefs.GATE_LOCK)
+        try:
+            self.gate: Optional[RangeLockFile] = open_range_lock(cache, cachefs.GATE_LOCK)
+        except OSError as exc:  # holds still protect; only the race with a removal is open
+            logger.debug("dtool-cache-manager: holding without the gate (%r)", exc)
+            self.gate = None
         self._dir_fd = os.dup(cache.holds_fd)
         self._fd = self._create_locked()
         self._lock = threading.Lock()
@@ -111,7 +115,7 @@ class HoldsFile:
             header = ["h", FORMAT_VERSION, self.identity.user, self.identity.host,
                       self.identity.pid, time.time()]
             os.write(fd, (json.dumps(header) + "\n").encode())
-            os.rename(tmp, self.token, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+            cachefs.rename_entry(self._dir_fd, tmp, self.token)
         except BaseException:
             os.close(fd)
             raise
@@ -171,6 +175,9 @@ class HoldsFile:
 
     def _write_under_gate(self, relpath: str) -> None:
         line = _line("+", relpath)
+        if self.gate is None:
+            self._write(line)
+            return
         try:
             with self.gate.locked(gate_key(relpath), exclusive=False):
                 self._write(line)

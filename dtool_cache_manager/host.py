@@ -35,8 +35,8 @@ from dtoolcore.utils import generous_parse_uri
 
 from . import cachefs
 from .errors import IncompleteItemError
-from .layout import configured_cache_dir, relpath_in, tracking_disabled
-from .rangelock import GateBusy, open_range_lock
+from .layout import configured_cache_dir, is_item_relpath, relpath_in, tracking_disabled
+from .rangelock import open_range_lock
 
 logger = logging.getLogger(__name__)
 
@@ -223,8 +223,8 @@ def _work_out_placement(dataset) -> DatasetPlacement:
     # dtool-s3/ecs derive the extension from an encoded handle and so never keep one.
     extensions = scheme not in ("s3", "ecs")
     normalised = os.path.abspath(os.path.expanduser(cache_dir))
-    if not isinstance(subdir, str) or relpath_in(normalised, os.path.join(normalised, subdir)) \
-            != subdir:
+    dir_relpath = _plain_relpath(subdir)
+    if dir_relpath is None:
         # A UUID or URL path from the server that leaves the dataset's directory ('..', an
         # absolute path, our bookkeeping): the broker does what it does; we do nothing.
         logger.warning("dtool-cache-manager: not tracking %s: its cache directory %r is not "
@@ -233,7 +233,18 @@ def _work_out_placement(dataset) -> DatasetPlacement:
     # Predicted paths are built from the broker's own string, so they compare equal to
     # what it returns; the bookkeeping uses the normalised directory.
     return DatasetPlacement(normalised, uri, dataset.uuid, scheme,
-                            os.path.join(cache_dir, subdir), extensions, subdir)
+                            os.path.join(cache_dir, subdir), extensions, dir_relpath)
+
+
+def _plain_relpath(subdir) -> Optional[str]:
+    """``subdir`` (a UUID, or a URL path with its slashes) as a path inside the cache, or
+    None if it is none: absolute, with a '.' or '..' component, a NUL, or our
+    bookkeeping.  Empty components (a trailing '/', '//') are what the OS makes of them."""
+    if not isinstance(subdir, str) or subdir.startswith("/"):
+        return None
+    parts = [p for p in subdir.split("/") if p]
+    relpath = "/".join(parts)
+    return relpath if is_item_relpath(relpath) else None
 
 
 _MAX_NAME = 255  # bytes in a file name on the filesystems caches live on

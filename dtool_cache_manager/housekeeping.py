@@ -531,7 +531,7 @@ def _shorten_log(cache: CacheDir) -> None:
         os.write(out, kept)
     finally:
         os.close(out)
-    os.replace(tmp, cachefs.AUTOCLEAN_LOG, src_dir_fd=cache.meta_fd, dst_dir_fd=cache.meta_fd)
+    cachefs.rename_entry(cache.meta_fd, tmp, cachefs.AUTOCLEAN_LOG)
 
 
 # -- status ----------------------------------------------------------------------------

@@ -389,8 +389,7 @@ class Ledger:
                 os.fchmod(fd, self.cache.infra_mode)  # members write into it
             finally:
                 os.close(fd)
-            os.link(tmp, cachefs.LEDGER, src_dir_fd=meta_fd, dst_dir_fd=meta_fd,
-                    follow_symlinks=False)
+            cachefs.link_entry(meta_fd, tmp, cachefs.LEDGER)
         except FileExistsError:
             pass  # another process won; use theirs
         finally:
@@ -744,9 +743,9 @@ def move_aside(cache: CacheDir, why: Exception) -> str:
     are not touched, and journals not yet folded are folded into the new ledger.  Only the
     bookkeeping's owner (or root) may."""
     if cache.meta_fd is None or not cache.can_write_meta:
+        owner = cachefs.user_name(cache.meta_stat.st_uid if cache.meta_stat else None)
         raise LedgerError(f"the ledger {cache.ledger_path} is damaged ({why}); its owner "
-                          f"({cachefs.user_name(cache.meta_stat.st_uid if cache.meta_stat else None)})"
-                          " rebuilds it at their next 'dtool cache' command")
+                          f"({owner}) rebuilds it at their next 'dtool cache' command")
     aside = ""
     for name in LEDGER_FILES:
         aside = aside or cachefs.rename_aside(cache.meta_fd, name, "corrupt")

@@ -78,7 +78,10 @@ def _check(dirs: cachefs.Dirs, row: ItemRow,
                             "(outside the cache, or our bookkeeping)", expected), None
     try:
         dir_fd, name = dirs.entry(row.relpath)
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        found = cachefs.entry_stat(dir_fd, name)
+        if found is None:
+            raise FileNotFoundError(row.relpath)
+        st = found
     except FileNotFoundError:
         return VerifyResult(row.relpath, MISSING, "not on disk", expected), None
     except Refused:

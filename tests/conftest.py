@@ -67,6 +67,17 @@ def cache_dir(tmp_path, monkeypatch):
     return path
 
 
+@pytest.fixture(scope="module")
+def users():
+    """Real unix users: alice, bob, carol in the group ``dcmshare`` and erin outside it
+    (see ``support/users.py``); for the tests that need root."""
+    from support.users import make_users, remove_tree, shared_tmp
+
+    base = shared_tmp("dcm-users-")
+    yield make_users(base)
+    remove_tree(base)
+
+
 @pytest.fixture
 def make_env():
     """``make_env(cache_dir, extra=None)`` -> env dict for subprocesses."""

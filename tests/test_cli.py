@@ -252,6 +252,20 @@ with open_range_lock(cache, cachefs.FETCH_LOCK).locked(sys.argv[2], exclusive=Tr
 """
 
 
+def test_a_uri_with_a_trailing_slash_is_tracked_in_the_same_place(http_dataset, cache_dir,
+                                                                   make_env):
+    """The http broker keeps the URL path as it was given ('ds/' for '.../ds/'): the cached
+    file is the same, and so is its count."""
+    ds = http_dataset({"a.txt": b"a" * 10})
+    ident = ds.identifiers["a.txt"]
+    env = make_env(cache_dir)
+    assert fetch(ds.uri + "/", ident, env) == str(ds.cache_path(cache_dir, "a.txt"))
+    assert fetch(ds.uri, ident, env) == str(ds.cache_path(cache_dir, "a.txt"))
+    listed = json.loads(dtool_cache("ls", "--json", env=env).stdout)
+    assert [(r["path"], r["access_count"]) for r in listed] == [
+        (str(ds.cache_path(cache_dir, "a.txt").relative_to(cache_dir)), 2)]
+
+
 def test_dead_partial_downloads_are_removed_live_ones_kept(cache_dir, make_env):
     """A '*.tmp' nobody is fetching (its fetch lock is free) is a dead download's, however
     new; one whose fetch lock a live process holds is kept, however old."""

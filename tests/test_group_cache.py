@@ -22,19 +22,12 @@ import dtool_cache_manager as dcm
 from support import subprocess_env
 from support.datasets import file_md5_hex
 from support.users import (GROUP, HoldingChild, dtool_cache, dtool_fetch, make_group_cache,
-                           make_users, needs_root, python_access, remove_tree, run_as,
-                           set_up_as_data_manager, shared_tmp)
+                           needs_root, python_access, remove_tree, run_as, set_up_as_data_manager,
+                           shared_tmp)
 
 pytestmark = needs_root
 
 META = ".dtool-cache-manager"
-
-
-@pytest.fixture(scope="module")
-def users():
-    base = shared_tmp("dcm-users-")
-    yield make_users(base)
-    remove_tree(base)
 
 
 @pytest.fixture

@@ -29,21 +29,13 @@ import pytest
 
 import dtool_cache_manager as dcm
 from support import subprocess_env
-from support.users import (GROUP, HoldingChild, User, dtool_cache, make_group_cache,
-                           make_users, needs_root, python_access, remove_tree,
-                           set_up_as_data_manager, shared_tmp)
+from support.users import (GROUP, HoldingChild, User, dtool_cache, make_group_cache, needs_root,
+                           python_access, remove_tree, set_up_as_data_manager, shared_tmp)
 
 pytestmark = needs_root
 
 META = ".dtool-cache-manager"
 DAY = 86400.0
-
-
-@pytest.fixture(scope="module")
-def users():
-    base = shared_tmp("dcm-users-")
-    yield make_users(base)
-    remove_tree(base)
 
 
 @dataclass

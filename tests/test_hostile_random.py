@@ -57,8 +57,8 @@ from support.hostile import (META, SPARSE_BYTES, VICTIM_ACCESS, Agent, ForgeryCo
                              build_sentinel, compare_snapshots, files_containing, forged,
                              garbage, hung_in_plugin, json_wrong, latin1, list_dir,
                              plugin_error_type, raised_by_plugin, run_command, snapshot, tail)
-from support.users import (HoldingChild, make_group_cache, make_users, needs_root,
-                           python_access, remove_tree, shared_tmp)
+from support.users import (HoldingChild, make_group_cache, needs_root, python_access, remove_tree,
+                           shared_tmp)
 
 pytestmark = needs_root
 
@@ -92,13 +92,6 @@ DS1 = {"a.txt": b"a" * 100, "b.txt": b"b" * 200, "c.txt": b"c" * 300, "d.txt": b
        "e.bin": b"e" * 500}
 DS2 = {"f.txt": b"f" * 150, "g.txt": b"g" * 250, "h.dat": b"h" * 350, "i.txt": b"i" * 450}
 HELD = ("a.txt", "b.txt")  # alice's holding process keeps these (of DS1) for the whole test
-
-
-@pytest.fixture(scope="module")
-def users():
-    base = shared_tmp("dcm-users-")
-    yield make_users(base)
-    remove_tree(base)
 
 
 def schedule(seed: int, rounds: int):

@@ -31,14 +31,19 @@ def _cache(tmp_path):
     return cachefs.open_cache(str(tmp_path))
 
 
-def test_torn_last_line_waits_for_the_next_pass(tmp_path):
-    data = b'["j",1,"alice","h",1,0]\n["a","u/x","u","x","x","s3",1000000,0,5,0,0]\n["a","r'
+def _lines(tmp_path, data):
+    """(line or None, offset after it) of ``data``, as a reader streams a journal."""
     (tmp_path / "j").write_bytes(data)
     fd = os.open(tmp_path / "j", os.O_RDONLY)
     try:
-        lines = list(cachefs.iter_lines(fd, 0, len(data), journal.MAX_LINE))
+        return list(cachefs.iter_lines(fd, 0, len(data), journal.MAX_LINE))
     finally:
         os.close(fd)
+
+
+def test_torn_last_line_waits_for_the_next_pass(tmp_path):
+    data = b'["j",1,"alice","h",1,0]\n["a","u/x","u","x","x","s3",1000000,0,5,0,0]\n["a","r'
+    lines = _lines(tmp_path, data)
     records, malformed = journal.parse_lines([line for line, _ in lines], "alice", "h")
     assert len(records) == 1 and malformed == 0
     assert lines[-1][1] == data.rfind(b"\n") + 1  # consumed up to the torn line, not into it
@@ -49,12 +54,7 @@ def test_long_lines_are_skipped_as_they_stream_by(tmp_path):
     in memory; the lines around it still count."""
     good = b'["a","u/x","u","x","x","s3",1000000,0,5,0,0]\n'
     data = good + b"z" * (3 * journal.MAX_LINE) + b"\n" + good + b"y" * (2 << 20)
-    (tmp_path / "j").write_bytes(data)
-    fd = os.open(tmp_path / "j", os.O_RDONLY)
-    try:
-        lines = list(cachefs.iter_lines(fd, 0, len(data), journal.MAX_LINE))
-    finally:
-        os.close(fd)
+    lines = _lines(tmp_path, data)
     assert [line for line, _ in lines] == [good[:-1], None, good[:-1]]
     assert lines[-1][1] == data.rfind(b"\n") + 1
 

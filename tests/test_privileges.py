@@ -14,20 +14,12 @@ import sys
 import pytest
 
 from support import subprocess_env
-from support.users import (HoldingChild, dtool_cache, make_group_cache, make_users,
-                           needs_root, python_access, remove_tree, run_as,
-                           set_up_as_data_manager, shared_tmp)
+from support.users import (HoldingChild, dtool_cache, make_group_cache, needs_root, python_access,
+                           remove_tree, run_as, set_up_as_data_manager, shared_tmp)
 
 pytestmark = needs_root
 
 META = ".dtool-cache-manager"
-
-
-@pytest.fixture(scope="module")
-def users():
-    base = shared_tmp("dcm-users-")
-    yield make_users(base)
-    remove_tree(base)
 
 
 @pytest.fixture

@@ -41,8 +41,8 @@ from support.attacks import (PRELUDE, FlockHolder, Sentinel, Swapper, entries, e
                              files_containing, legacy_layout, make_secret, member_steps,
                              secret_intact, snapshot, snapshot_diff, wait_for_entry)
 from support.datasets import file_md5_hex
-from support.users import (HoldingChild, User, make_group_cache, make_users, needs_root,
-                           python_access, remove_tree, run_as, shared_tmp)
+from support.users import (HoldingChild, User, make_group_cache, needs_root, python_access,
+                           remove_tree, run_as, shared_tmp)
 
 pytestmark = needs_root
 
@@ -50,13 +50,6 @@ META = ".dtool-cache-manager"
 TIMEOUT = 60  # seconds any command may take; longer is a failure
 HANG_TIMEOUT = 30  # for the traps that made commands hang for ever
 HOST = socket.gethostname()
-
-
-@pytest.fixture(scope="module")
-def users():
-    base = shared_tmp("dcm-users-")
-    yield make_users(base)
-    remove_tree(base)
 
 
 @dataclass
