@@ -9,7 +9,14 @@ dataset directory that gained one file costs one ``stat`` plus a name listing.
 
 Like git's index, a directory changed within :data:`RACY_SECONDS` of its scan is not
 trusted (a later change within the same clock tick would leave its mtime unchanged): it is
-rescanned next time.  What this cannot see, by design: a file rewritten in place under the
+checked again next time.
+
+A directory whose mtime moved is first *checked*: one listing of its names and inode
+numbers, folded into a digest (:func:`entries_digest`) and compared with the one kept for
+it.  Equal, the index already holds exactly those entries: nothing more to do.  This is
+what a clean leaves behind: it knows what it removed, and takes those entries off the
+digest as it drops their rows, so the next command lists each directory it changed
+instead of rescanning it.  What this cannot see, by design: a file rewritten in place under the
 same name and inode (dtool never does this; brokers write a temporary file and rename it)
 and atime changes of files no hook has seen.  ``refresh(full=True)`` restats everything.
 
@@ -21,28 +28,35 @@ Everything here is derived: a damaged ledger is rebuilt by one full scan.
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
-import re
+import zlib
 import sqlite3
 import stat
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import (Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set,
+                    Tuple)
 
 from . import cachefs
 from .cachefs import CacheDir, Refused
 from .layout import META_DIRNAME, from_db, row_ok, to_db
 
 PARTIAL_SUFFIX = ".tmp"
+# What a ``files`` row is, in one small integer, so that one index serves tracked and
+# untracked files alike (see files_by_last_use).
+TRACKED, PARTIAL, UNTRACKED = 0, 1, 2
 RACY_SECONDS = 2.0  # coarse filesystem clocks tick in 4-10 ms; some network ones in 1-2 s
-_IDENTIFIER = re.compile(r"^[0-9a-f]{40}")
+_HEX40 = frozenset("0123456789abcdef")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS dirs (
     relpath TEXT PRIMARY KEY,            -- '' is the cache directory itself
     parent TEXT,
     mtime_ns INTEGER,                    -- as last scanned (NULL: rescan at the next refresh)
+    racy INTEGER NOT NULL DEFAULT 0,     -- scanned within RACY_SECONDS of its mtime: recheck
+    entries INTEGER, digest INTEGER,     -- its listing, as entries_digest folds it (NULL: none)
     num_files INTEGER NOT NULL DEFAULT 0, file_bytes INTEGER NOT NULL DEFAULT 0,
     num_partial INTEGER NOT NULL DEFAULT 0, partial_bytes INTEGER NOT NULL DEFAULT 0,
     num_untracked INTEGER NOT NULL DEFAULT 0, untracked_bytes INTEGER NOT NULL DEFAULT 0,
@@ -54,12 +68,12 @@ CREATE INDEX IF NOT EXISTS dirs_by_parent ON dirs (parent);
 CREATE TABLE IF NOT EXISTS files (
     relpath TEXT PRIMARY KEY, dir TEXT NOT NULL, ino INTEGER NOT NULL,
     size_bytes INTEGER NOT NULL, mtime REAL NOT NULL, atime REAL NOT NULL,
-    partial INTEGER NOT NULL,
+    kind INTEGER NOT NULL,               -- TRACKED 0, PARTIAL 1 ('*.tmp'), UNTRACKED 2
     identifier TEXT,                     -- the ledger's (untracked files: from the name)
     uuid TEXT, last_access REAL, access_count INTEGER NOT NULL DEFAULT 0,  -- from the ledger
     last_use REAL NOT NULL               -- last access, else the later of atime and mtime
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS files_by_last_use ON files (partial, last_use);
+CREATE INDEX IF NOT EXISTS files_by_last_use ON files (kind, last_use);
 CREATE TABLE IF NOT EXISTS unindexed (relpath TEXT PRIMARY KEY, dir TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS dataset_uris (
     uuid TEXT NOT NULL, uri TEXT NOT NULL, PRIMARY KEY (uuid, uri)
@@ -116,8 +130,9 @@ def dirname(relpath: str) -> str:
 
 
 def identifier_of(name: str) -> Optional[str]:
-    match = _IDENTIFIER.match(os.path.basename(name))
-    return match.group(0) if match else None
+    """The identifier a cached file's name starts with (40 hex digits), if it does."""
+    head = name[:40]
+    return head if len(head) == 40 and _HEX40.issuperset(head) else None
 
 
 def _under(prefix: str) -> Tuple:
@@ -146,19 +161,33 @@ def _in_dir(rel: str) -> Tuple[str, tuple]:
 # -- refresh ---------------------------------------------------------------------------
 
 
+BUILDING = "index_building"  # meta key: a first scan is under way (its indexes come last)
+COMMIT_FILES = 100_000  # a first scan commits every so many files: resumed, not restarted
+
+
 def refresh(conn: sqlite3.Connection, cache: CacheDir, full: bool = False,
-            now: Optional[float] = None) -> Refresh:
+            now: Optional[float] = None,
+            progress: Optional[Callable[[int], None]] = None) -> Refresh:
     """Bring the index up to date with the disk; cheap when little changed.
 
     Every directory is reached from the cache root without following links (see
     :mod:`cachefs`), so a directory swapped for a link is seen as gone, never listed.
-    Runs in its own transaction unless the caller has one open.
+    Runs in its own transaction unless the caller has one open.  The first scan of a cache
+    builds the index without its secondary indexes (made once at the end: several times
+    faster) and commits every :data:`COMMIT_FILES` files, a directory at a time, so that an
+    interrupted first scan goes on where it stopped.  ``progress`` is told how many files
+    this refresh has indexed so far, after each directory.
     """
     now = time.time() if now is None else now
     known = {from_db(r): m for r, m in conn.execute("SELECT relpath, mtime_ns FROM dirs")}
+    checks = {from_db(r): (racy, entries, digest) for r, racy, entries, digest in conn.execute(
+        "SELECT relpath, racy, entries, digest FROM dirs WHERE mtime_ns IS NOT NULL")}
     fresh_index = "" not in known
+    building = fresh_index or conn.execute("SELECT 1 FROM meta WHERE key = ?",
+                                           (BUILDING,)).fetchone() is not None
     known.setdefault("", None)
     changed: List[Tuple[str, os.stat_result]] = []
+    confirmed: List[Tuple[str, os.stat_result]] = []  # moved mtime, same entries
     gone: List[str] = []
     with cachefs.Dirs(cache.root_fd) as dirs:
         for rel, mtime_ns in sorted(known.items()):
@@ -181,32 +210,48 @@ def refresh(conn: sqlite3.Connection, cache: CacheDir, full: bool = False,
                 continue  # a parent we may not search: its rescan reports it
             if not stat.S_ISDIR(st.st_mode):
                 gone.append(rel)
-            elif full or mtime_ns is None or st.st_mtime_ns != mtime_ns:
+            elif full or mtime_ns is None:
                 changed.append((rel, st))
-        if not changed and not gone:
+            elif st.st_mtime_ns != mtime_ns or checks[rel][0]:
+                listed = _listing_digest(dirs, rel) if checks[rel][2] is not None else None
+                if listed is not None and listed == checks[rel][1:]:
+                    confirmed.append((rel, st))
+                else:
+                    changed.append((rel, st))
+        if not changed and not gone and not confirmed and not building:
             return Refresh(0, 0, ())
-        scanner = _Scanner(conn, dirs, now, full)
+        scanner = _Scanner(conn, dirs, now, full, progress)
         own_transaction = not conn.in_transaction
         if own_transaction:
             conn.execute("BEGIN IMMEDIATE")
         try:
             if fresh_index:
                 conn.execute("INSERT OR IGNORE INTO dirs (relpath, parent) VALUES ('', NULL)")
-                for name, _ in _SECONDARY_INDEXES:  # built once at the end: several times faster
+                conn.execute("INSERT OR REPLACE INTO meta VALUES (?, '1')", (BUILDING,))
+                for name, _ in _SECONDARY_INDEXES:
                     conn.execute(f"DROP INDEX IF EXISTS {name}")
             for rel in sorted(gone, key=len):
                 scanner.drop_dir(rel)
+            for rel, st in confirmed:
+                scanner.confirm(rel, st)
             queue = list(changed)
+            committed = 0
             while queue:
                 rel, st = queue.pop()
                 queue.extend(scanner.rescan(rel, st))
-            if fresh_index:  # rows from before the index existed whose files are gone
+                if building and own_transaction and scanner.files - committed >= COMMIT_FILES:
+                    conn.execute("COMMIT")  # what is scanned stays scanned
+                    conn.execute("BEGIN IMMEDIATE")
+                    committed = scanner.files
+            if building:
                 for _, statement in _SECONDARY_INDEXES:
                     conn.execute(statement)
+                conn.execute("DELETE FROM meta WHERE key = ?", (BUILDING,))
+                # rows from before the index existed whose files are gone
                 scanner.vanished.update(r for (r,) in conn.execute(
                     "SELECT relpath FROM items WHERE relpath NOT IN (SELECT relpath FROM files)"))
         except BaseException:
-            if own_transaction:
+            if own_transaction and conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
         if own_transaction:
@@ -215,15 +260,84 @@ def refresh(conn: sqlite3.Connection, cache: CacheDir, full: bool = False,
     return Refresh(scanner.rescanned, scanner.stats, vanished)
 
 
+def _totals(rows: Sequence[tuple]) -> Tuple[int, int, int, int]:
+    """(files, bytes, partial files, partial bytes) of untracked rows to insert."""
+    partial = [row[3] for row in rows if row[6]]
+    return (len(rows) - len(partial), sum(row[3] for row in rows) - sum(partial),
+            len(partial), sum(partial))
+
+
+_DIGEST_MOD = 1 << 62  # SQLite integers are 64-bit
+_DIGEST_MUL = 0x9E3779B1
+
+
+def entries_digest(entries: Sequence[Tuple[str, int]]) -> Tuple[int, int]:
+    """A directory's listing, as (name, inode) pairs, folded into (entries, a sum of their
+    hashes): it changes when an entry is added, removed, renamed or replaced, and a removal
+    can take its entry off without listing the directory again (:func:`note_removed`)."""
+    crc32 = zlib.crc32
+    return len(entries), sum(crc32(name.encode("utf-8", "surrogateescape")) * _DIGEST_MUL
+                             + ino for name, ino in entries) % _DIGEST_MOD
+
+
+def entry_hash(name: str, ino: int) -> int:
+    """One entry's part of a directory's digest (the same in every process)."""
+    return zlib.crc32(name.encode("utf-8", "surrogateescape")) * _DIGEST_MUL + ino
+
+
+def _listing_digest(dirs: cachefs.Dirs, rel: str) -> Optional[Tuple[int, int]]:
+    """(entries, digest) of the directory now, from one listing; None if it cannot be
+    listed (then it is rescanned, which says why)."""
+    try:
+        with os.scandir(dirs.fd(rel)) as it:
+            entries = [(e.name, e.inode()) for e in it]
+    except (OSError, Refused):
+        return None
+    if not rel:
+        entries = [e for e in entries if e[0] != META_DIRNAME]
+    return entries_digest(entries)
+
+
+# A file scanned: the ledger says whether it is tracked (and copies its facts in).
+_UPSERT_FILE = f"""
+    INSERT INTO files (relpath, dir, ino, size_bytes, mtime, atime, kind, identifier,
+                       uuid, last_access, access_count, last_use)
+    SELECT ?1, ?2, ?3, ?4, ?5, ?6,
+           CASE WHEN ?7 THEN {PARTIAL} WHEN i.uuid IS NULL THEN {UNTRACKED}
+                ELSE {TRACKED} END,
+           coalesce(i.identifier, ?8), i.uuid,
+           i.last_access, coalesce(i.hits + i.misses, 0),
+           coalesce(i.last_access, max(?5, ?6))
+    FROM (SELECT 1) LEFT JOIN items AS i ON i.relpath = ?1
+    WHERE true
+    ON CONFLICT (relpath) DO UPDATE SET
+      ino = excluded.ino, size_bytes = excluded.size_bytes, mtime = excluded.mtime,
+      atime = excluded.atime,
+      kind = CASE WHEN excluded.kind = {PARTIAL} THEN {PARTIAL}
+                  WHEN uuid IS NULL THEN {UNTRACKED} ELSE {TRACKED} END,
+      last_use = coalesce(last_access, max(excluded.mtime, excluded.atime))"""
+
+# A file of a new directory, with nothing in the ledger: untracked (or partial), no join.
+_INSERT_UNTRACKED = f"""
+    INSERT INTO files (relpath, dir, ino, size_bytes, mtime, atime, kind, identifier,
+                       uuid, last_access, access_count, last_use)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, CASE WHEN ?7 THEN {PARTIAL} ELSE {UNTRACKED} END, ?8,
+            NULL, NULL, 0, max(?5, ?6))"""
+
+
 class _Scanner:
-    def __init__(self, conn: sqlite3.Connection, dirs: cachefs.Dirs, now: float, full: bool):
+    def __init__(self, conn: sqlite3.Connection, dirs: cachefs.Dirs, now: float, full: bool,
+                 progress: Optional[Callable[[int], None]] = None):
         self.conn = conn
         self.dirs = dirs
         self.now = now
         self.full = full
+        self.progress = progress
         self.rescanned = 0
         self.stats = 0
+        self.files = 0  # rows written, for progress
         self.vanished: Set = set()
+        self._ledger_empty: Optional[bool] = None
 
     def drop_dir(self, rel: str) -> None:
         """A directory that is gone: forget it and everything under it."""
@@ -249,39 +363,53 @@ class _Scanner:
                               f"({column} >= ? AND {column} < ?)", (to_db(rel), low, high))
 
     def rescan(self, rel: str, dir_stat: os.stat_result) -> List[Tuple[str, os.stat_result]]:
-        """Rescan one directory; returns its new subdirectories (to scan too)."""
+        """Rescan one directory; returns its new subdirectories (to scan too).
+
+        Kept lean, because the first command on a cache filled before the plugin runs this
+        over every file (a million: seconds): names come from one listing of the directory
+        we opened, and only new or replaced entries are ``stat``-ed (one ``fstatat`` each,
+        in this thread: threads measured no faster, see ``docs/performance.rst``)."""
         self.rescanned += 1
         conn = self.conn
         in_dir, params = _in_dir(rel)
+        rel_db = to_db(rel)
         existing = {from_db(r): (ino, tracked) for r, ino, tracked in conn.execute(
             f"SELECT relpath, ino, uuid IS NOT NULL FROM files WHERE {in_dir}", params)}
         old_subdirs = {from_db(r) for (r,) in conn.execute(
-            "SELECT relpath FROM dirs WHERE parent = ?", (to_db(rel),))}
+            "SELECT relpath FROM dirs WHERE parent = ?", (rel_db,))}
         skipped: List[Tuple[str, str]] = []
         present: Set[str] = set()
         to_stat = []
         subdirs = []
+        prefix = rel + "/" if rel else ""
+        full = self.full or not existing
+        listing: List[Tuple[str, int]] = []
         try:
             self.dirs.trim()
             dir_fd = self.dirs.fd(rel)
             # A listing of the directory we opened (not of whatever has its name by now).
             with os.scandir(dir_fd) as it:
                 for entry in it:
-                    if rel == "" and entry.name == META_DIRNAME:
+                    name = entry.name
+                    if not prefix and name == META_DIRNAME:
                         continue
-                    child = os.path.join(rel, entry.name) if rel else entry.name
+                    listing.append((name, entry.inode()))
                     if entry.is_dir(follow_symlinks=False):
-                        subdirs.append(child)
+                        subdirs.append(prefix + name)
                     elif entry.is_symlink():
-                        skipped.append((child, "symbolic link, not followed"))
+                        skipped.append((prefix + name, "symbolic link, not followed"))
                     elif entry.is_file(follow_symlinks=False):
+                        child = prefix + name
                         present.add(child)
+                        if full:
+                            to_stat.append((child, entry))
+                            continue
                         known = existing.get(child)
-                        if self.full or known is None or known[0] != entry.inode() \
-                                or entry.name.endswith(PARTIAL_SUFFIX):
+                        if known is None or known[0] != entry.inode() \
+                                or name.endswith(PARTIAL_SUFFIX):
                             to_stat.append((child, entry))
                     else:
-                        skipped.append((child, "not a regular file"))
+                        skipped.append((prefix + name, "not a regular file"))
         except (FileNotFoundError, Refused):
             self.drop_dir(rel)
             return []
@@ -295,7 +423,6 @@ class _Scanner:
         for child, entry in to_stat:
             try:
                 st = entry.stat(follow_symlinks=False)
-                self.stats += 1
             except FileNotFoundError:
                 present.discard(child)
                 continue
@@ -303,51 +430,85 @@ class _Scanner:
                 present.discard(child)
                 skipped.append((child, "not a regular file"))
                 continue
-            rows.append((to_db(child), to_db(rel), st.st_ino, st.st_size, st.st_mtime,
-                         st.st_atime, int(child.endswith(PARTIAL_SUFFIX)), identifier_of(child)))
-        gone = [r for r in existing if r not in present]
-        self.vanished.update(to_db(r) for r in gone if existing[r][1])
-        conn.executemany("DELETE FROM files WHERE relpath = ?", [(to_db(r),) for r in gone])
-        conn.executemany(
-            """INSERT INTO files (relpath, dir, ino, size_bytes, mtime, atime, partial, identifier,
-                                  uuid, last_access, access_count, last_use)
-               SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, coalesce(i.identifier, ?8), i.uuid,
-                      i.last_access, coalesce(i.hits + i.misses, 0),
-                      coalesce(i.last_access, max(?5, ?6))
-               FROM (SELECT 1) LEFT JOIN items AS i ON i.relpath = ?1
-               WHERE true
-               ON CONFLICT (relpath) DO UPDATE SET
-                 ino = excluded.ino, size_bytes = excluded.size_bytes, mtime = excluded.mtime,
-                 atime = excluded.atime, partial = excluded.partial,
-                 last_use = coalesce(last_access, max(excluded.mtime, excluded.atime))""", rows)
-        for r, in conn.execute("SELECT relpath FROM unindexed WHERE dir = ?", (to_db(rel),)):
+            name = entry.name
+            rows.append((child if child.isascii() else to_db(child), rel_db, st.st_ino,
+                         st.st_size, st.st_mtime, st.st_atime,
+                         name.endswith(PARTIAL_SUFFIX), identifier_of(name)))
+        self.stats += len(to_stat)
+        if existing:
+            gone = [r for r in existing if r not in present]
+            self.vanished.update(to_db(r) for r in gone if existing[r][1])
+            conn.executemany("DELETE FROM files WHERE relpath = ?", [(to_db(r),) for r in gone])
+        # Nothing in the ledger (a cache filled before the plugin): every file is untracked,
+        # and the directory's totals come from the rows at hand.
+        untracked_only = not existing and self.ledger_is_empty()
+        conn.executemany(_INSERT_UNTRACKED if untracked_only else _UPSERT_FILE, rows)
+        for r, in conn.execute("SELECT relpath FROM unindexed WHERE dir = ?", (rel_db,)):
             if from_db(r) not in present:
                 self.vanished.add(r)
-        conn.execute("DELETE FROM unindexed WHERE dir = ?", (to_db(rel),))
+        conn.execute("DELETE FROM unindexed WHERE dir = ?", (rel_db,))
         for sub in old_subdirs.difference(subdirs):
             self.drop_dir(sub)
         new = []
         for sub in subdirs:
             if sub in old_subdirs:
                 continue  # a known subdirectory is checked by its own mtime
-            sub_stat = cachefs.entry_stat(dir_fd, os.path.basename(sub))
+            sub_stat = cachefs.entry_stat(dir_fd, sub[len(prefix):])
             if sub_stat is None or not stat.S_ISDIR(sub_stat.st_mode):
                 continue  # swapped for something else since the listing
             conn.execute("INSERT OR REPLACE INTO dirs (relpath, parent) VALUES (?, ?)",
-                         (to_db(sub), to_db(rel)))
+                         (to_db(sub), rel_db))
             new.append((sub, sub_stat))
-        trusted = self.now - dir_stat.st_mtime >= RACY_SECONDS
-        self._store_dir(rel, dir_stat.st_mtime_ns if trusted else None, skipped)
+        self._store_dir(rel, dir_stat, skipped, entries_digest(listing),
+                        _totals(rows) if untracked_only else None)
+        self.files += len(rows)
+        if self.progress is not None:
+            self.progress(self.files)
         return new
 
-    def _store_dir(self, rel: str, mtime_ns: Optional[int], skipped) -> None:
+    def ledger_is_empty(self) -> bool:
+        if self._ledger_empty is None:
+            self._ledger_empty = self.conn.execute("SELECT 1 FROM items LIMIT 1").fetchone() \
+                is None
+        return self._ledger_empty
+
+    def confirm(self, rel: str, dir_stat: os.stat_result) -> None:
+        """A directory whose mtime moved but whose entries are the ones indexed (a clean's
+        removals, already taken off its rows and digest): only its mtime is new."""
+        self.conn.execute("UPDATE dirs SET mtime_ns = ?, racy = ? WHERE relpath = ?",
+                          (dir_stat.st_mtime_ns, self._racy(dir_stat), to_db(rel)))
+
+    def _racy(self, dir_stat: os.stat_result) -> int:
+        return int(self.now - dir_stat.st_mtime < RACY_SECONDS)
+
+    def _store_dir(self, rel: str, dir_stat: Optional[os.stat_result], skipped,
+                   listing: Optional[Tuple[int, int]] = None,
+                   totals: Optional[Tuple[int, int, int, int]] = None) -> None:
+        """Record a scanned directory (None: not scanned; rescan next time); its totals
+        given (files, bytes, partial files, partial bytes: all untracked) or recounted
+        from its rows."""
         self.conn.execute(
-            """INSERT INTO dirs (relpath, parent, mtime_ns, skipped) VALUES (?, ?, ?, ?)
-               ON CONFLICT (relpath) DO UPDATE SET mtime_ns = excluded.mtime_ns,
-                                                   skipped = excluded.skipped""",
-            (to_db(rel), None if rel == "" else to_db(dirname(rel)), mtime_ns,
+            """INSERT INTO dirs (relpath, parent, mtime_ns, racy, entries, digest, skipped)
+               VALUES (?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (relpath) DO UPDATE SET
+                 mtime_ns = excluded.mtime_ns, racy = excluded.racy,
+                 entries = excluded.entries, digest = excluded.digest,
+                 skipped = excluded.skipped""",
+            (to_db(rel), None if rel == "" else to_db(dirname(rel)),
+             None if dir_stat is None else dir_stat.st_mtime_ns,
+             0 if dir_stat is None else self._racy(dir_stat),
+             None if listing is None else listing[0],
+             None if listing is None else listing[1],
              json.dumps(sorted(skipped)) if skipped else None))
-        recompute_dirs(self.conn, [rel])
+        if totals is None:
+            recompute_dirs(self.conn, [rel])
+            return
+        files, nbytes, partial, partial_bytes = totals
+        self.conn.execute(
+            """UPDATE dirs SET (num_files, file_bytes, num_partial, partial_bytes,
+                                num_untracked, untracked_bytes, dataset, last_access) =
+                               (?, ?, ?, ?, ?, ?, NULL, NULL) WHERE relpath = ?""",
+            (files, nbytes, partial, partial_bytes, files, nbytes, to_db(rel)))
 
 
 def recompute_dirs(conn: sqlite3.Connection, dirs: Iterable[str]) -> None:
@@ -357,11 +518,12 @@ def recompute_dirs(conn: sqlite3.Connection, dirs: Iterable[str]) -> None:
         conn.execute(
             f"""UPDATE dirs SET (num_files, file_bytes, num_partial, partial_bytes,
                                  num_untracked, untracked_bytes, dataset, last_access) = (
-                  SELECT count(*) - coalesce(sum(partial), 0),
-                         coalesce(sum(size_bytes * (1 - partial)), 0),
-                         coalesce(sum(partial), 0), coalesce(sum(size_bytes * partial), 0),
-                         coalesce(sum(uuid IS NULL AND partial = 0), 0),
-                         coalesce(sum(size_bytes * (uuid IS NULL AND partial = 0)), 0),
+                  SELECT coalesce(sum(kind != {PARTIAL}), 0),
+                         coalesce(sum(size_bytes * (kind != {PARTIAL})), 0),
+                         coalesce(sum(kind = {PARTIAL}), 0),
+                         coalesce(sum(size_bytes * (kind = {PARTIAL})), 0),
+                         coalesce(sum(kind = {UNTRACKED}), 0),
+                         coalesce(sum(size_bytes * (kind = {UNTRACKED})), 0),
                          CASE WHEN min(uuid) = max(uuid) THEN min(uuid)
                               WHEN min(uuid) IS NULL THEN NULL ELSE '*' END,
                          max(last_access)
@@ -383,10 +545,11 @@ def note_accesses(conn: sqlite3.Connection, relpaths: Sequence, uris: Iterable) 
         conn.executemany("INSERT OR IGNORE INTO dataset_uris (uuid, uri) VALUES (?, ?)", uris)
         return  # no index yet: its first refresh reads the ledger
     conn.executemany(
-        """UPDATE files SET (identifier, uuid, last_access, access_count, last_use) = (
-             SELECT identifier, uuid, last_access, hits + misses, last_access FROM items
-             WHERE items.relpath = ?1)
-           WHERE relpath = ?1""", [(r,) for r in relpaths])
+        f"""UPDATE files SET (identifier, uuid, last_access, access_count, last_use, kind) = (
+              SELECT identifier, uuid, last_access, hits + misses, last_access,
+                     CASE WHEN files.kind = {PARTIAL} THEN {PARTIAL} ELSE {TRACKED} END
+              FROM items WHERE items.relpath = ?1)
+            WHERE relpath = ?1""", [(r,) for r in relpaths])
     dirs: Set = set()
     missing = []
     for r in relpaths:
@@ -422,31 +585,47 @@ def stage_removed(conn: sqlite3.Connection,
     conn.executemany("INSERT OR REPLACE INTO temp.gone VALUES (?, ?, ?)", removed)
 
 
+def _take_off_digests(conn: sqlite3.Connection) -> None:
+    """The removed files' entries off their directories' digests (see
+    :func:`entries_digest`)."""
+    per_dir: Dict[object, List[int]] = {}
+    for relpath, dir_db, ino in conn.execute("SELECT relpath, dir, ino FROM temp.gone_files"):
+        tally = per_dir.setdefault(dir_db, [0, 0])
+        tally[0] += 1
+        tally[1] += entry_hash(from_db(relpath).rsplit("/", 1)[-1], ino)
+    conn.executemany(
+        "UPDATE dirs SET entries = entries - ?, digest = ((digest - ?) % ? + ?) % ? "
+        "WHERE relpath = ? AND digest IS NOT NULL",
+        [(n, value % _DIGEST_MOD, _DIGEST_MOD, _DIGEST_MOD, _DIGEST_MOD, d)
+         for d, (n, value) in per_dir.items()])
+
+
 def note_removed(conn: sqlite3.Connection) -> None:
     """After the files staged by :func:`stage_removed` were removed (or found gone): drop
     their rows and take them off their directories' totals.  A row of another inode is a
     newer file under the same name, already indexed: it stays.  The directories' mtimes
     moved, so the next refresh rescans them anyway (and recounts their latest access)."""
     conn.execute("""CREATE TEMP TABLE IF NOT EXISTS gone_files AS
-                      SELECT relpath, dir, size_bytes, partial, uuid FROM files WHERE 0""")
+                      SELECT relpath, dir, size_bytes, kind, ino FROM files WHERE 0""")
     conn.execute("DELETE FROM temp.gone_files")
     conn.execute("""INSERT INTO temp.gone_files
-                      SELECT relpath, files.dir, files.size_bytes, files.partial, files.uuid
+                      SELECT relpath, files.dir, files.size_bytes, files.kind, files.ino
                       FROM temp.gone JOIN files USING (relpath)
                       WHERE gone.ino IS NULL OR gone.ino = files.ino""")
+    _take_off_digests(conn)
     conn.execute("DELETE FROM files WHERE relpath IN (SELECT relpath FROM temp.gone_files)")
     conn.execute("DELETE FROM unindexed WHERE relpath IN (SELECT relpath FROM temp.gone)")
     conn.execute(
-        """UPDATE dirs SET (num_files, file_bytes, num_partial, partial_bytes, num_untracked,
-                            untracked_bytes) = (
-             SELECT dirs.num_files - sum(1 - partial),
-                    dirs.file_bytes - sum(size_bytes * (1 - partial)),
-                    dirs.num_partial - sum(partial),
-                    dirs.partial_bytes - sum(size_bytes * partial),
-                    dirs.num_untracked - sum(uuid IS NULL AND partial = 0),
-                    dirs.untracked_bytes - sum(size_bytes * (uuid IS NULL AND partial = 0))
-             FROM temp.gone_files WHERE gone_files.dir = dirs.relpath)
-           WHERE relpath IN (SELECT dir FROM temp.gone_files)""")
+        f"""UPDATE dirs SET (num_files, file_bytes, num_partial, partial_bytes, num_untracked,
+                             untracked_bytes) = (
+              SELECT dirs.num_files - sum(kind != {PARTIAL}),
+                     dirs.file_bytes - sum(size_bytes * (kind != {PARTIAL})),
+                     dirs.num_partial - sum(kind = {PARTIAL}),
+                     dirs.partial_bytes - sum(size_bytes * (kind = {PARTIAL})),
+                     dirs.num_untracked - sum(kind = {UNTRACKED}),
+                     dirs.untracked_bytes - sum(size_bytes * (kind = {UNTRACKED}))
+              FROM temp.gone_files WHERE gone_files.dir = dirs.relpath)
+            WHERE relpath IN (SELECT dir FROM temp.gone_files)""")
     conn.execute("UPDATE dirs SET dataset = NULL WHERE num_files = num_untracked "
                  "AND dataset IS NOT NULL")
 
@@ -477,32 +656,32 @@ _SELECT_FILES = f"SELECT {', '.join(FILE_COLUMNS)} FROM files"
 
 
 def all_files(conn: sqlite3.Connection, partial: bool = False) -> List[IndexedFile]:
+    """Every complete file (or, with ``partial``, every partial download), by path."""
+    kinds = f"= {PARTIAL}" if partial else f"!= {PARTIAL}"
     return list(_files(conn.execute(
-        f"{_SELECT_FILES} WHERE partial = ? ORDER BY relpath", (int(partial),))))
+        f"{_SELECT_FILES} WHERE +kind {kinds} ORDER BY relpath")))
 
 
 def files_at(conn: sqlite3.Connection, relpaths: Iterable[str]) -> List[IndexedFile]:
     """Complete files at ``relpaths`` (the few that are held)."""
     return list(_files(select_where_in(
-        conn, f"SELECT {', '.join(FILE_COLUMNS)} FROM files WHERE partial = 0 AND relpath",
+        conn, f"{_SELECT_FILES} WHERE +kind != {PARTIAL} AND relpath",
         [to_db(r) for r in relpaths])))
 
 
 def files_with_identifiers(conn: sqlite3.Connection, identifiers: Iterable[str]
                            ) -> List[IndexedFile]:
-    """Complete files whose identifier is one of ``identifiers`` (the few that are held):
-    tracked ones through the ledger's identifier index, untracked ones from the directories
-    that have any (usually few; an index of its own would cost every removal more)."""
-    wanted = set(identifiers)
+    """Complete files whose identifier is one of ``identifiers`` (held by processes that
+    started before holds named files): tracked ones through the ledger's identifier index,
+    untracked ones in one pass over the untracked files."""
+    wanted = sorted(set(identifiers))
     if not wanted:
         return []
-    found = [f for identifier in sorted(wanted) for f in _files(conn.execute(
-        f"{_SELECT_FILES} WHERE relpath IN ({PATHS_OF_IDENTIFIER}) AND partial = 0",
+    found = [f for identifier in wanted for f in _files(conn.execute(
+        f"{_SELECT_FILES} WHERE relpath IN ({PATHS_OF_IDENTIFIER}) AND +kind = {TRACKED}",
         (identifier,)))]
-    for in_dir, params in _dirs_with_untracked(conn):
-        found += [f for f in _files(conn.execute(
-            f"{_SELECT_FILES} WHERE {in_dir} AND last_access IS NULL AND partial = 0", params))
-            if f.identifier in wanted]
+    found += _files(select_where_in(
+        conn, f"{_SELECT_FILES} WHERE kind = {UNTRACKED} AND identifier", wanted))
     return found
 
 
@@ -520,32 +699,38 @@ PATHS_OF_IDENTIFIER = """
     WHERE items.uuid = datasets.uuid AND items.identifier = ?"""
 
 
-def _dirs_with_untracked(conn: sqlite3.Connection) -> List[Tuple[str, tuple]]:
-    """:func:`_in_dir` of each directory holding untracked files (usually none)."""
-    return [_in_dir(from_db(r)) for (r,) in conn.execute(
-        "SELECT relpath FROM dirs WHERE num_untracked > 0")]
+def by_last_access(conn: sqlite3.Connection, descending: bool, untracked: bool = False,
+                   limit: Optional[int] = None) -> Iterator[IndexedFile]:
+    """Complete files ordered by last access (untracked, i.e. none, lowest), ties by path.
 
-
-def by_last_access(conn: sqlite3.Connection, descending: bool,
-                   untracked: bool = False) -> Iterator[IndexedFile]:
-    """Complete files ordered by last access (untracked, i.e. NULL, lowest), ties by path.
-
-    Tracked files come through ``files_by_last_use`` (for them last use is last access);
-    the untracked take a scan, which ``ls`` newest-first never reaches when it has a limit.
+    Tracked files come in order from ``files_by_last_use`` (for them last use is last
+    access); untracked ones by path, from the table itself (its key), so that a ``limit``
+    stops the walk early whatever the share of untracked files.
     """
     order = "DESC" if descending else "ASC"
-    never = (f"{_SELECT_FILES} WHERE partial = 0 AND last_access IS NULL "
-             f"ORDER BY relpath {order}")
-    tracked = (f"{_SELECT_FILES} WHERE partial = 0 AND last_access IS NOT NULL "
-               f"ORDER BY last_use {order}, relpath {order}")
+    cap = "" if limit is None else f" LIMIT {int(limit)}"
+    never = (f"{_SELECT_FILES} WHERE +kind = {UNTRACKED} "  # '+': by the key, not the index
+             f"ORDER BY relpath {order}{cap}")
+    tracked = (f"{_SELECT_FILES} WHERE kind = {TRACKED} "
+               f"ORDER BY last_use {order}, relpath {order}{cap}")
     queries = [never] if untracked else [tracked, never] if descending else [never, tracked]
     for query in queries:
         yield from _files(conn.execute(query))
 
 
+def last_use_of(f: IndexedFile) -> float:
+    """When a file was last used, as far as we know: its last access, or for a file no
+    hook has seen, the later of its atime and mtime (all there is).  The one rule, used by
+    the index (``last_use``), the LRU order and the policies."""
+    return f.last_access if f.last_access is not None else max(f.mtime, f.atime)
+
+
 def by_last_use(conn: sqlite3.Connection) -> Iterator[IndexedFile]:
-    """Complete files, least recently used first (ties in no particular order)."""
-    yield from _files(conn.execute(f"{_SELECT_FILES} WHERE partial = 0 ORDER BY last_use"))
+    """Complete files, least recently used first (ties in no particular order): tracked and
+    untracked ones each in order from ``files_by_last_use``, merged."""
+    streams = [_files(conn.execute(f"{_SELECT_FILES} WHERE kind = {kind} ORDER BY last_use"))
+               for kind in (TRACKED, UNTRACKED)]
+    yield from heapq.merge(*streams, key=last_use_of)
 
 
 @dataclass(frozen=True)
@@ -584,7 +769,7 @@ def dir_totals(conn: sqlite3.Connection) -> List[DirTotals]:
 
 
 def partials(conn: sqlite3.Connection) -> List[IndexedFile]:
-    return all_files(conn, partial=True)
+    return list(_files(conn.execute(f"{_SELECT_FILES} WHERE kind = {PARTIAL}")))
 
 
 def count_tracked(conn: sqlite3.Connection) -> int:
@@ -594,16 +779,10 @@ def count_tracked(conn: sqlite3.Connection) -> int:
 
 
 def count_accessed_since(conn: sqlite3.Connection, since: float) -> int:
-    """Complete files accessed at or after ``since``: those used since, counted in
-    ``files_by_last_use`` alone (for a tracked file last use is last access), less the
-    untracked among them (used by their mtime or atime), from the directories holding any."""
-    used = conn.execute("SELECT count(*) FROM files WHERE partial = 0 AND last_use >= ?",
+    """Tracked files accessed at or after ``since``: one range of ``files_by_last_use``
+    (for a tracked file last use is last access), however many files are untracked."""
+    return conn.execute(f"SELECT count(*) FROM files WHERE kind = {TRACKED} AND last_use >= ?",
                         (since,)).fetchone()[0]
-    for in_dir, params in _dirs_with_untracked(conn):
-        used -= conn.execute(f"SELECT count(*) FROM files WHERE {in_dir} AND partial = 0 "
-                             "AND last_access IS NULL AND last_use >= ?",
-                             (*params, since)).fetchone()[0]
-    return used
 
 
 def dataset_groups(conn: sqlite3.Connection, dirs: Sequence[DirTotals]
@@ -626,7 +805,7 @@ def dataset_groups(conn: sqlite3.Connection, dirs: Sequence[DirTotals]
             in_dir, params = _in_dir(d.relpath)
             for uuid, n, nbytes, last in conn.execute(
                     "SELECT uuid, count(*), sum(size_bytes), max(last_access) FROM files "
-                    f"WHERE {in_dir} AND partial = 0 GROUP BY uuid", params):
+                    f"WHERE {in_dir} AND +kind != {PARTIAL} GROUP BY uuid", params):
                 add(uuid or d.relpath, n, nbytes, last)
             continue
         add(d.dataset or d.relpath, d.num_files, d.file_bytes, d.last_access)

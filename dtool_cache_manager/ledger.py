@@ -24,7 +24,7 @@ from .layout import from_db, is_item_relpath, row_ok, to_db
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 CACHE_KIB = 262144  # page cache: a million-file index fits, so updates do not thrash
 # A removal is remembered this long, so that an access journalled before it and folded in
 # after it does not bring back the row (see _Batch); a later straggler is reconciled away.
@@ -42,6 +42,11 @@ def _add_column(conn: sqlite3.Connection, table: str, column: str) -> None:
     existing = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
     if existing and column.split()[0] not in existing:
         conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+
+
+def _rename_column(conn: sqlite3.Connection, table: str, old: str, new: str) -> None:
+    if old in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
+        conn.execute(f"ALTER TABLE {table} RENAME COLUMN {old} TO {new}")
 
 
 def _add_dirs_last_access(conn: sqlite3.Connection) -> None:
@@ -67,7 +72,11 @@ def _rebuild(conn: sqlite3.Connection, table: str, definition: str) -> None:
 # Version 5 stores items and removals by path (no rowid, so no second B-tree of paths),
 # indexes items by (uuid, identifier), which follows path order, instead of by identifier,
 # whose hash order made a clean dirty that index's pages at random, and counts removed rows
-# without a trigger.  Version 6 remembers the inode of each journal it read.
+# without a trigger.  Version 6 remembers the inode of each journal it read.  Version 7 tells
+# untracked files from tracked ones in ``files.kind`` (was ``partial``), so that one index
+# range counts or orders either kind: a summary of a cache of untracked files no longer
+# scans the table once per directory; and keeps a digest of each directory's entries, so a
+# directory a clean changed is checked with one listing instead of rescanned.
 _MIGRATIONS = {
     1: ("ALTER TABLE items ADD COLUMN hash_function TEXT",
         "ALTER TABLE usage ADD COLUMN miss_bytes INTEGER NOT NULL DEFAULT 0"),
@@ -85,6 +94,11 @@ _MIGRATIONS = {
     4: (lambda conn: _rebuild(conn, "items", _ITEMS_TABLE),
         lambda conn: _rebuild(conn, "removals", _REMOVALS_TABLE)),
     5: (lambda conn: _add_column(conn, "journals", "ino INTEGER"),),  # a new file, old name
+    6: (lambda conn: _rename_column(conn, "files", "partial", "kind"),
+        f"UPDATE files SET kind = {diskindex.UNTRACKED} WHERE kind = 0 AND uuid IS NULL",
+        lambda conn: _add_column(conn, "dirs", "racy INTEGER NOT NULL DEFAULT 0"),
+        lambda conn: _add_column(conn, "dirs", "entries INTEGER"),
+        lambda conn: _add_column(conn, "dirs", "digest INTEGER")),
 }
 
 _ITEMS_TABLE = """

@@ -375,7 +375,7 @@ def list_cached(cache_dir: str, sort: str = "accessed", limit: Optional[int] = N
                      if not untracked or f.uuid is None]
         else:
             files = list(itertools.islice(
-                diskindex.by_last_access(index.conn, descending, untracked), limit))
+                diskindex.by_last_access(index.conn, descending, untracked, limit), limit))
         views = _views(index.ledger, files, holds)
     views.sort(key=SORT_KEYS[key][0], reverse=descending)
     return views if limit is None else views[:limit]
@@ -429,8 +429,8 @@ def plan(cache_dir: str, rules: Rules, dataset: Optional[str] = None,
 
 def _candidate(f: IndexedFile, in_use: bool, row: Optional[ItemRow] = None) -> Candidate:
     """A file as the policies see it; untracked files are as old as their atime or mtime."""
-    last_use = f.last_access if f.last_access else max(f.atime, f.mtime)
-    return Candidate(relpath=f.relpath, size_bytes=f.size_bytes, last_access=last_use,
+    return Candidate(relpath=f.relpath, size_bytes=f.size_bytes,
+                     last_access=diskindex.last_use_of(f),
                      access_count=f.access_count, in_use=in_use,
                      fetch_seconds=row.fetch_seconds if row else 0.0,
                      misses=row.misses if row else 0)

@@ -128,6 +128,13 @@ def test_schema_v1_is_upgraded_in_place(tmp_path):
 
 
 # What version 5 changed, to turn a ledger back into a version 4 one.
+# What version 7 changed, to turn a version 7 ledger into a version 6 one.
+TO_SCHEMA_V6 = """
+UPDATE files SET kind = 0 WHERE kind = 2;
+ALTER TABLE files RENAME COLUMN kind TO partial;
+UPDATE meta SET value = '6' WHERE key = 'schema_version';
+"""
+
 # What version 6 added, to turn a version 6 ledger into a version 5 one.
 TO_SCHEMA_V5 = """
 CREATE TABLE journals_v5 (token TEXT PRIMARY KEY, offset INTEGER NOT NULL);
@@ -166,13 +173,14 @@ UPDATE meta SET value = '3' WHERE key = 'schema_version';
 """
 
 
-@pytest.mark.parametrize("downgrade", [[TO_SCHEMA_V5], [TO_SCHEMA_V5, TO_SCHEMA_V4],
-                                       [TO_SCHEMA_V5, TO_SCHEMA_V4, TO_SCHEMA_V3]],
-                         ids=["v5", "v4", "v3"])
+@pytest.mark.parametrize("downgrade", [
+    [TO_SCHEMA_V6], [TO_SCHEMA_V6, TO_SCHEMA_V5], [TO_SCHEMA_V6, TO_SCHEMA_V5, TO_SCHEMA_V4],
+    [TO_SCHEMA_V6, TO_SCHEMA_V5, TO_SCHEMA_V4, TO_SCHEMA_V3]], ids=["v6", "v5", "v4", "v3"])
 def test_older_schema_is_upgraded_in_place(downgrade, filled, cache_dir, make_env):
     """Version 4 drops three indexes every removal paid for, version 5 stores items by path
-    and counts their removal without a trigger, version 6 remembers each journal's inode;
-    the figures stay the same, and the count of rows stays right through a clean."""
+    and counts their removal without a trigger, version 6 remembers each journal's inode,
+    version 7 tells untracked files from tracked ones in the index; the figures stay the
+    same, and the count of rows stays right through a clean."""
     env = make_env(cache_dir)
 
     def report():
