@@ -320,11 +320,45 @@ def autoclean_command(cache_dir, as_json):
 
 
 def _guarded(fn, *args):
-    """Turn our own errors (the ledger, an unsafe cache) into one-line messages."""
+    """Turn our own errors (the ledger, an unsafe cache) into one-line messages; show how
+    an indexing scan is getting on, on a terminal."""
+    progress = _IndexingProgress(sys.stderr)
     try:
-        return fn(*args)
+        with report.reporting_progress(progress):
+            return fn(*args)
     except CacheManagerError as exc:
         raise click.ClickException(str(exc)) from None
+    finally:
+        progress.done()
+
+
+class _IndexingProgress:
+    """'Indexing the cache: 412,000 files…' on a terminal, once a command has been at it
+    for a second (the first command on a big cache scans every file), updated a few times
+    a second and cleared when done."""
+
+    DELAY, EVERY = 1.0, 0.25
+
+    def __init__(self, stream):
+        self.stream = stream if stream.isatty() else None
+        self.start = time.monotonic()
+        self.last = 0.0
+        self.width = 0
+
+    def __call__(self, files: int) -> None:
+        now = time.monotonic()
+        if self.stream is None or now - self.start < self.DELAY or now - self.last < self.EVERY:
+            return
+        self.last = now
+        text = f"Indexing the cache: {files:,} files\u2026"
+        self.width = max(self.width, len(text))
+        self.stream.write("\r" + text)
+        self.stream.flush()
+
+    def done(self) -> None:
+        if self.stream is not None and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
 
 
 def _cache_directory(option, must_exist: bool = False) -> str:

@@ -633,12 +633,14 @@ def note_removed(conn: sqlite3.Connection) -> None:
 # -- queries ---------------------------------------------------------------------------
 
 
-def select_where_in(conn: sqlite3.Connection, query: str, keys: Sequence) -> Iterator[tuple]:
-    """Rows of ``query`` (ending in ``WHERE column``) for ``column IN keys``: one statement
-    per 500 keys, not one per key."""
+def select_where_in(conn: sqlite3.Connection, query: str, keys: Sequence,
+                    params: Sequence = ()) -> Iterator[tuple]:
+    """Rows of ``query`` (ending in ``WHERE column``, after ``params``) for
+    ``column IN keys``: one statement per 500 keys, not one per key."""
     for start in range(0, len(keys), 500):
         chunk = keys[start:start + 500]
-        yield from conn.execute(f"{query} IN ({', '.join('?' * len(chunk))})", chunk)
+        yield from conn.execute(f"{query} IN ({', '.join('?' * len(chunk))})",
+                                (*params, *chunk))
 
 
 _FILE_KINDS = "pinnSSNi"  # see layout.row_ok

@@ -1,18 +1,30 @@
 """Per-process, append-only access journals: the hot path's only write.
 
-Each access appends one JSON line with a single ``os.write`` on an ``O_APPEND`` descriptor
+Each access appends one line with a single ``os.write`` on an ``O_APPEND`` descriptor
 (about 4 µs, no lock, no fsync), so processes never contend and a crash loses at most the
 line being written.  The ledger folds journals in later, in batches, as Cargo's global cache
 tracker defers its last-use writes.  Lines are plain JSON: anyone can read them, and nothing
 is ever unpickled.
 
-Record kinds (first element of each line)::
+A process describes each cached file once and then refers to it by a number, so that a warm
+access costs a line of about 22 bytes (format 2)::
 
-    ["j", version, user, host, pid, started]                       header
-    ["a", relpath, uri, uuid, identifier, scheme, t_us, miss, size, mtime_us, fetch_us]
+    ["j", 2, user, host, pid, started, segment]                       header
+    ["i", number, relpath, uri, uuid, identifier, scheme, size, mtime_us]   an item, as
+                                            the process saw it (a new number if it changes)
     ["m", relpath, item_relpath, manifest_size, manifest_hash, hash_function]  once per item
-                                                                      per process
+    [number, t_us]                          a hit
+    [number, t_us, fetch_us]                a miss, and how long the fetch took
     ["x", count]     accesses this process could not journal (full disk or quota)
+
+Format 1 journals (``["a", relpath, uri, uuid, identifier, scheme, t_us, miss, size,
+mtime_us, fetch_us]`` per access, written before an upgrade) are still read.
+
+**Segments.**  A process writes ``<token>.s<n>.jsonl``; past :data:`SEGMENT_BYTES` it
+starts the next segment and folds the finished ones into the ledger (see
+``tracking.ProcessSession``), so a process that makes millions of accesses keeps its
+journal small and its exit fold short.  The numbers go on across segments: the ledger keeps
+each process's item definitions (``journal_items``) until its last segment is gone.
 
 When a write fails (ENOSPC, EDQUOT, EFBIG) the lines wait in memory and are written, in
 order, by the next write that succeeds; past ``MAX_PENDING`` lines they are only counted,
@@ -38,7 +50,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Set, Tuple
 
 from . import cachefs
 from .cachefs import CacheDir, Refused
@@ -46,8 +58,10 @@ from .layout import Identity
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SUFFIX = ".jsonl"
+SEGMENT_BYTES = 32 << 20  # a segment past this is closed (two at most: 64 MiB on disk)
+_SEGMENT = re.compile(r"^(?P<token>.+)\.s(?P<seq>[0-9]{1,9})$")
 MAX_PENDING = 100_000  # lines kept in memory while the disk is full
 MAX_LINE = 64 * 1024  # a longer line is skipped as it streams by
 MAX_JOURNAL_BYTES = 8 << 30  # a journal past this is not read (a sparse file, say)
@@ -91,42 +105,113 @@ class LostRecord:
     count: int
 
 
-class JournalWriter:
-    """This process's journal in one cache directory."""
+@dataclass(frozen=True)
+class ItemDefinition:
+    """A cached file as one process saw it, under the number its accesses use (format 2)."""
 
-    def __init__(self, cache: CacheDir, identity: Identity, token: str):
+    number: int
+    relpath: str
+    uri: str
+    uuid: str
+    identifier: str
+    scheme: str
+    size: int
+    mtime: float
+
+
+@dataclass(frozen=True)
+class CompactAccesses:
+    """Format-2 accesses of a stretch of one journal: (number, t_us, fetch_us or -1 for a
+    hit), in order.  Tuples, not objects: a long run makes millions of them."""
+
+    accesses: List[Tuple[int, int, int]]
+
+
+def segment_name(token: str, seq: int) -> str:
+    return f"{token}.s{seq}{SUFFIX}"
+
+
+class JournalWriter:
+    """This process's journal in one cache directory.
+
+    ``on_rotate`` is called (by the access that filled a segment) once the next segment is
+    open: the session folds the finished ones there.
+    """
+
+    def __init__(self, cache: CacheDir, identity: Identity, token: str,
+                 on_rotate: Optional[Callable[[], None]] = None):
         if cache.journal_fd is None:
             raise Refused(errno.ENOENT, f"{cache.meta_path}/{cachefs.JOURNAL} is missing")
-        name = token + SUFFIX
-        self.path = os.path.join(cache.meta_path, cachefs.JOURNAL, name)  # for messages
-        self._fd = cachefs.create_file(cache.journal_fd, name, cachefs.OWN_FILE_MODE,
-                                       os.O_WRONLY | os.O_APPEND)
+        self.identity = identity
+        self.token = token
+        self.on_rotate = on_rotate
+        self._dir_fd = os.dup(cache.journal_fd)
+        self._meta_path = cache.meta_path
+        self._seq = 0
+        self._numbers = 0
+        self._manifests: Set[str] = set()
         self._pending: collections.deque = collections.deque()  # unwritten bytes, in order
         self._lost = 0
         self._lock = threading.Lock()
-        header = ["j", FORMAT_VERSION, identity.user, identity.host, identity.pid, time.time()]
-        os.write(self._fd, (json.dumps(header) + "\n").encode())
+        self._fd = -1
+        self._open_segment()
+
+    @property
+    def path(self) -> str:
+        """The segment being written (for messages)."""
+        return os.path.join(self._meta_path, cachefs.JOURNAL, segment_name(self.token, self._seq))
+
+    def _open_segment(self) -> None:
+        fd = cachefs.create_file(self._dir_fd, segment_name(self.token, self._seq),
+                                 cachefs.OWN_FILE_MODE, os.O_WRONLY | os.O_APPEND)
+        header = (json.dumps(["j", FORMAT_VERSION, self.identity.user, self.identity.host,
+                              self.identity.pid, time.time(), self._seq]) + "\n").encode()
+        try:
+            os.write(fd, header)
+        except BaseException:
+            os.close(fd)
+            raise
+        old, self._fd, self._written = self._fd, fd, len(header)
+        if old >= 0:
+            os.close(old)
 
     def describe(self, relpath: str, uri: str, uuid: str, identifier: str, scheme: str,
-                 manifest: Optional[ManifestRecord]) -> bytes:
-        """Write the item's manifest facts once; return the line prefix for its accesses.
-
-        The caller keeps the prefix, so that each access only formats five numbers.
-        """
-        if manifest is not None:
+                 size: int, mtime: float, manifest: Optional[ManifestRecord]) -> int:
+        """Write the item's definition (and its manifest facts, once per file); return the
+        number its accesses use.  The caller keeps it while the file's size and mtime stay
+        the same, so that each access only formats two numbers."""
+        if manifest is not None and relpath not in self._manifests:
+            self._manifests.add(relpath)
             line = json.dumps(["m", manifest.relpath, manifest.item_relpath,
                                manifest.manifest_size, manifest.manifest_hash,
                                manifest.hash_function]) + "\n"
             self._emit(line.encode("utf-8", "surrogateescape"), counts=False)
-        return ('["a",' + json.dumps([relpath, uri, uuid, identifier, scheme])[1:-1]
-                + ",").encode("utf-8", "surrogateescape")
+        number, self._numbers = self._numbers, self._numbers + 1
+        line = json.dumps(["i", number, relpath, uri, uuid, identifier, scheme, size,
+                           int(mtime * 1e6)]) + "\n"
+        self._emit(line.encode("utf-8", "surrogateescape"), counts=False)
+        return number
 
-    def record_access(self, prefix: bytes, t: float, miss: bool, size: int, mtime: float,
-                      fetch_seconds: float) -> None:
+    def record_access(self, number: int, t: float, miss: bool, fetch_seconds: float) -> None:
         """One access, one ``os.write``: a crash loses at most this line."""
-        # Integers (µs) format in half the time of floats.
-        self._emit(prefix + b"%d,%d,%d,%d,%d]\n" % (t * 1e6, miss, size, mtime * 1e6,
-                                                     fetch_seconds * 1e6))
+        if miss:
+            self._emit(b"[%d,%d,%d]\n" % (number, t * 1e6, fetch_seconds * 1e6))
+        else:
+            self._emit(b"[%d,%d]\n" % (number, t * 1e6))
+        if self._written > SEGMENT_BYTES and not self._pending:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        """Close this segment and open the next; then let the session fold what is done."""
+        self._seq += 1
+        try:
+            self._open_segment()
+        except OSError as exc:  # e.g. a full disk: go on in this segment
+            self._seq -= 1
+            logger.debug("dtool-cache-manager: cannot start a new journal segment (%r)", exc)
+            return
+        if self.on_rotate is not None:
+            self.on_rotate()
 
     def _emit(self, line: bytes, counts: bool = True) -> None:
         """Write ``line``; ``counts`` says whether it records an access (for the lost tally)."""
@@ -139,6 +224,7 @@ class JournalWriter:
         except OSError as exc:
             self._hold_back(line, exc, counts)
             return
+        self._written += written
         if written < len(line):  # the disk filled up mid-line: finish the line later
             self._hold_back(line[written:], None, counts, must_keep=True)
 
@@ -183,19 +269,29 @@ class JournalWriter:
         if self._pending or self._lost:
             self.flush()
         os.close(self._fd)
+        os.close(self._dir_fd)
 
 
-def parse_lines(lines: Iterable[Optional[bytes]], user: str, host: str
+def parse_lines(lines: Iterable[Optional[bytes]], user: str, host: str, version: int = 1
                 ) -> Tuple[List[object], int]:
     """Records from journal ``lines`` (None: a line over :data:`MAX_LINE`), attributed to
-    ``user`` and ``host``, and the number of lines skipped as malformed."""
+    ``user`` and ``host``, and the number of lines skipped as malformed.  Format-2 access
+    lines come back together, as one :class:`CompactAccesses` at the end."""
     records: List[object] = []
+    compact: List[Tuple[int, int, int]] = []
     malformed = 0
     for raw in lines:
         if raw is None:
             malformed += 1
             continue
         if not raw:
+            continue
+        if version >= 2 and raw[:1] == b"[" and raw[1:2].isdigit():
+            access = _compact_access(raw)
+            if access is None:
+                malformed += 1
+            else:
+                compact.append(access)
             continue
         try:
             record = _record(json.loads(raw.decode("utf-8", "surrogateescape")), user, host)
@@ -204,7 +300,24 @@ def parse_lines(lines: Iterable[Optional[bytes]], user: str, host: str
             continue
         if record is not None:
             records.append(record)
+    if compact:
+        records.append(CompactAccesses(compact))
     return records, malformed
+
+
+def _compact_access(raw: bytes) -> Optional[Tuple[int, int, int]]:
+    """``[number,t_us]`` or ``[number,t_us,fetch_us]``, without the JSON parser (a long run
+    makes millions of them); None if it is anything else."""
+    if raw[-1:] != b"]":
+        return None
+    parts = raw[1:-1].split(b",")
+    if not 2 <= len(parts) <= 3 or not all(p.isdigit() for p in parts):
+        return None
+    number, t = int(parts[0]), int(parts[1])
+    fetch = int(parts[2]) if len(parts) == 3 else -1
+    if number >= _MAX_INT or t >= _MAX_INT or fetch >= _MAX_INT:
+        return None
+    return number, t, fetch
 
 
 def _record(rec, user: str, host: str) -> Optional[object]:
@@ -213,6 +326,15 @@ def _record(rec, user: str, host: str) -> Optional[object]:
     kind = rec[0]
     if kind == "j":
         return None  # its claims are the writer's; attribution comes from the kernel
+    if kind == "i":
+        if len(rec) != 9:
+            raise TypeError("wrong length")
+        _expect(rec[1:2], int)
+        _expect(rec[2:7], str)
+        _expect(rec[7:8], int)
+        _expect(rec[8:9], float)
+        return ItemDefinition(int(rec[1]), rec[2], rec[3], rec[4], rec[5], rec[6],
+                              int(rec[7]), rec[8] / 1e6)
     if kind == "a":
         if len(rec) != 11:
             raise TypeError("wrong length")
@@ -254,31 +376,42 @@ def _optional(value, kind):
 
 @dataclass
 class OpenJournal:
-    """A journal opened for reading, with the user the kernel says wrote it."""
+    """A journal file opened for reading, with the user the kernel says wrote it."""
 
-    token: str
+    name: str  # the file's name without its suffix: '<token>' (format 1) or '<token>.s<n>'
+    token: str  # the writing process's token (its holds file's name)
+    seq: int  # the segment (-1: format 1, one file per process)
     fd: int
     stat: os.stat_result
     user: str
     host: str
+    version: int
 
     def close(self) -> None:
         os.close(self.fd)
 
 
-def tokens(cache: CacheDir) -> List[str]:
-    """The tokens of the journal files, in name order."""
+def journal_files(cache: CacheDir) -> List[Tuple[str, str, int]]:
+    """(name, token, segment) of every journal file, each process's in segment order."""
     if cache.journal_fd is None:
         return []
-    return sorted(name[:-len(SUFFIX)] for name in os.listdir(cache.journal_fd)
-                  if name.endswith(SUFFIX))
+    found = []
+    for entry in os.listdir(cache.journal_fd):
+        if not entry.endswith(SUFFIX):
+            continue
+        name = entry[:-len(SUFFIX)]
+        match = _SEGMENT.match(name)
+        found.append((name, match.group("token"), int(match.group("seq"))) if match
+                     else (name, name, -1))
+    return sorted(found, key=lambda f: (f[1], f[2]))
 
 
-def open_journal(cache: CacheDir, token: str) -> Tuple[Optional[OpenJournal], str]:
-    """The journal of ``token``, or (None, why it cannot be read)."""
+def open_journal(cache: CacheDir, name: str, token: str, seq: int
+                 ) -> Tuple[Optional[OpenJournal], str]:
+    """The journal file ``name``, or (None, why it cannot be read)."""
     assert cache.journal_fd is not None
     try:
-        fd, st = cachefs.open_file(cache.journal_fd, token + SUFFIX, single_link=True)
+        fd, st = cachefs.open_file(cache.journal_fd, name + SUFFIX, single_link=True)
     except FileNotFoundError:
         return None, "gone"
     except (Refused, PermissionError) as exc:
@@ -286,19 +419,25 @@ def open_journal(cache: CacheDir, token: str) -> Tuple[Optional[OpenJournal], st
     if st.st_size > MAX_JOURNAL_BYTES:
         os.close(fd)
         return None, f"over {MAX_JOURNAL_BYTES >> 30} GiB"
-    return OpenJournal(token, fd, st, cachefs.user_name(st.st_uid), _claimed_host(fd)), ""
+    host, version = _header(fd)
+    return OpenJournal(name, token, seq, fd, st, cachefs.user_name(st.st_uid), host,
+                       version), ""
 
 
-def _claimed_host(fd: int) -> str:
-    """The host the header names (nothing on one host can check it), if it looks like a
-    host name; the user comes from the file's owner instead."""
+def _header(fd: int) -> Tuple[str, int]:
+    """(host, format) from the header.  The host is what the writer claims (nothing on one
+    host can check it), kept if it looks like a host name; the user comes from the file's
+    owner instead."""
     head = cachefs.read_at_most(fd, 4096).split(b"\n", 1)[0]
     try:
         rec = json.loads(head.decode("utf-8", "strict"))
-        host = rec[3] if isinstance(rec, list) and len(rec) > 3 and rec[0] == "j" else None
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-        host = None
-    return host if isinstance(host, str) and _HOST.match(host) else "?"
+        rec = None
+    if not (isinstance(rec, list) and len(rec) > 3 and rec[0] == "j"):
+        return "?", 1
+    host = rec[3] if isinstance(rec[3], str) and _HOST.match(rec[3]) else "?"
+    version = 2 if rec[1] == 2 else 1
+    return host, version
 
 
 def read_records(journal: OpenJournal, offset: int, upto: Optional[int] = None
@@ -311,9 +450,10 @@ def read_records(journal: OpenJournal, offset: int, upto: Optional[int] = None
     for line, after in cachefs.iter_lines(journal.fd, offset, end, MAX_LINE):
         batch.append(line)
         last = after
-        if len(batch) >= 50_000:
-            records, malformed = parse_lines(batch, journal.user, journal.host)
+        if len(batch) >= 100_000:
+            records, malformed = parse_lines(batch, journal.user, journal.host,
+                                             journal.version)
             yield records, last, malformed
             batch = []
-    records, malformed = parse_lines(batch, journal.user, journal.host)
+    records, malformed = parse_lines(batch, journal.user, journal.host, journal.version)
     yield records, last, malformed

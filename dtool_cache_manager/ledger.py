@@ -146,6 +146,12 @@ CREATE TABLE IF NOT EXISTS usage (
 {_REMOVALS_TABLE.format(name="removals")};
 CREATE TABLE IF NOT EXISTS journals (token TEXT PRIMARY KEY, offset INTEGER NOT NULL,
                                      ino INTEGER);
+CREATE TABLE IF NOT EXISTS journal_items (
+    token TEXT NOT NULL, number INTEGER NOT NULL, relpath TEXT NOT NULL, uri TEXT NOT NULL,
+    uuid TEXT NOT NULL, identifier TEXT NOT NULL, scheme TEXT NOT NULL,
+    size INTEGER NOT NULL, mtime REAL NOT NULL,
+    PRIMARY KEY (token, number)
+) WITHOUT ROWID;
 """ + diskindex.SCHEMA
 
 
@@ -226,71 +232,185 @@ class _Batch:
             logger.warning("dtool-cache-manager: ignoring a journal record for %r: not a "
                            "cached item's path", rec.relpath)
             return
-        user = f"{rec.user}@{rec.host}"
         hit, miss = (0, 1) if rec.miss else (1, 0)
-        use = self.usage.setdefault((int(rec.t // 3600), rec.relpath, user, rec.uri),
-                                    [rec.uuid, rec.identifier, 0, 0, 0, 0, 0.0])
-        use[2] += hit
-        use[3] += miss
-        use[4] += rec.size * hit
-        use[5] += rec.size * miss
-        use[6] += rec.fetch_seconds * miss
-        if rec.t <= self.removed_at.get(rec.relpath, float("-inf")):
-            return  # the file this access saw has since been removed; keep only history
-        item = self.items.get(rec.relpath)
+        self.add_accesses(f"{rec.user}@{rec.host}", rec.relpath, rec.uri, rec.uuid,
+                          rec.identifier, rec.scheme, rec.size, rec.mtime, int(rec.t // 3600),
+                          rec.t <= self.removed_at.get(rec.relpath, float("-inf")),
+                          hit, miss, rec.fetch_seconds * miss, rec.t)
+
+    def add_accesses(self, user: str, relpath: str, uri: str, uuid: str, identifier: str,
+                     scheme: str, size: int, mtime: float, hour: int, before_removal: bool,
+                     hits: int, misses: int, fetch_seconds: float, last: float) -> None:
+        """Accesses of one file in one hour, by ``user`` (user@host), added up; ``last`` the
+        latest of them.  Those from before the file's last removal only add history."""
+        use = self.usage.setdefault((hour, relpath, user, uri),
+                                    [uuid, identifier, 0, 0, 0, 0, 0.0])
+        use[2] += hits
+        use[3] += misses
+        use[4] += size * hits
+        use[5] += size * misses
+        use[6] += fetch_seconds
+        if before_removal:
+            return  # the file these accesses saw has since been removed
+        item = self.items.get(relpath)
         if item is None:
-            item = self.items[rec.relpath] = [rec.uuid, rec.identifier, rec.scheme, rec.size,
-                                              rec.mtime, rec.t, 0, 0, 0.0, rec.t]
-        if rec.t >= item[9]:
-            item[3], item[9] = rec.size, rec.t  # size as of the latest access
-        item[4] = min(item[4], rec.mtime)
-        item[5] = max(item[5], rec.t)
-        item[6] += hit
-        item[7] += miss
-        item[8] += rec.fetch_seconds * miss
-        self.uris.add((rec.relpath, rec.uri))
-        who = self.users.setdefault((rec.relpath, user), [0, 0, rec.t])
-        who[0] += hit
-        who[1] += miss
-        who[2] = max(who[2], rec.t)
+            item = self.items[relpath] = [uuid, identifier, scheme, size, mtime, last, 0, 0,
+                                          0.0, last]
+        if last >= item[9]:
+            item[3], item[9] = size, last  # size as of the latest access
+        item[4] = min(item[4], mtime)
+        item[5] = max(item[5], last)
+        item[6] += hits
+        item[7] += misses
+        item[8] += fetch_seconds
+        self.uris.add((relpath, uri))
+        who = self.users.setdefault((relpath, user), [0, 0, last])
+        who[0] += hits
+        who[1] += misses
+        who[2] = max(who[2], last)
+
+
+_HOUR_US = 3_600_000_000
+
+
+def _names_item(relpath: str, identifier: str) -> bool:
+    """Does a record's identifier belong to the file it names?  (A cached file's name starts
+    with its item's identifier.)"""
+    return bool(identifier) and relpath.rsplit("/", 1)[-1].startswith(identifier)
 
 
 class _Folding:
     """Journal records gathered across journals and applied in batches of
     :data:`FOLD_BATCH`: few statements for many small journals, bounded memory for a big
-    one."""
+    one.  Format-2 accesses name their file by a number, defined earlier in the journal
+    (perhaps in an earlier segment, folded before: then ``journal_items`` has it)."""
 
     def __init__(self) -> None:
         self.records: List[object] = []
+        self.compact: List[Tuple[str, str, List[Tuple[int, int, int]]]] = []
+        self.pending = 0
+        self.defs: Dict[str, Dict[int, Optional[journal.ItemDefinition]]] = {}
+        self.new_defs: List[Tuple[str, journal.ItemDefinition]] = []
         self.applied = 0
-        self.mismatched: Dict[str, Tuple[int, str]] = {}  # token -> (count, writer)
+        self.mismatched: Dict[str, Tuple[int, str]] = {}  # journal -> (count, writer)
+        self.unknown: Dict[str, Tuple[int, str]] = {}
 
     def add(self, conn: sqlite3.Connection, records: List[object],
             source: journal.OpenJournal) -> None:
+        defs = self.defs.setdefault(source.token, {})
         for rec in records:
-            if isinstance(rec, journal.AccessRecord) and not (
-                    rec.identifier and rec.relpath.rsplit("/", 1)[-1].startswith(
-                        rec.identifier)):
-                count, _ = self.mismatched.get(source.token, (0, source.user))
-                self.mismatched[source.token] = (count + 1, source.user)
-                continue  # a cached file's name starts with its identifier
+            if isinstance(rec, journal.CompactAccesses):
+                self.compact.append((source.token, f"{source.user}@{source.host}",
+                                     rec.accesses))
+                self.pending += len(rec.accesses)
+                continue
+            if isinstance(rec, journal.ItemDefinition):
+                if is_item_relpath(rec.relpath) and _names_item(rec.relpath, rec.identifier):
+                    defs[rec.number] = rec
+                    self.new_defs.append((source.token, rec))
+                else:
+                    defs[rec.number] = None  # its accesses are ignored (and counted)
+                    self._count(self.mismatched, source)
+                continue
+            if isinstance(rec, journal.AccessRecord) \
+                    and not _names_item(rec.relpath, rec.identifier):
+                self._count(self.mismatched, source)
+                continue
             self.records.append(rec)
-        if len(self.records) >= FOLD_BATCH:
+            self.pending += 1
+        if self.pending >= FOLD_BATCH:
             self.flush(conn)
+
+    @staticmethod
+    def _count(tally: Dict[str, Tuple[int, str]], source: journal.OpenJournal,
+               n: int = 1) -> None:
+        count, _ = tally.get(source.name, (0, source.user))
+        tally[source.name] = (count + n, source.user)
 
     def flush(self, conn: sqlite3.Connection) -> None:
         records, self.records = self.records, []
-        batch = _Batch(_removal_times(conn, {r.relpath for r in records
-                                             if isinstance(r, journal.AccessRecord)}))
+        compact, self.compact = self.compact, []
+        self.pending = 0
+        self._remember_definitions(conn)
+        for token, _, accesses in compact:
+            self._recall_definitions(conn, token, {n for n, _, _ in accesses})
+        relpaths = {r.relpath for r in records if isinstance(r, journal.AccessRecord)}
+        relpaths.update(d.relpath for defs in self.defs.values() for d in defs.values() if d)
+        batch = _Batch(_removal_times(conn, relpaths))
         for rec in records:
             batch.add(rec)
+        applied = sum(isinstance(r, journal.AccessRecord) for r in records)
+        for token, user, accesses in compact:
+            applied += self._add_compact(batch, token, user, accesses)
         Ledger._apply(conn, batch)
-        self.applied += sum(isinstance(r, journal.AccessRecord) for r in records)
-        for token, (count, writer) in self.mismatched.items():
+        self.applied += applied
+        for name, (count, writer) in self.mismatched.items():
             logger.warning("dtool-cache-manager: ignored %d access records in journal %r "
-                           "(written by %s) that name another item's file", count, token,
+                           "(written by %s) that name another item's file", count, name,
+                           writer)
+        for name, (count, writer) in self.unknown.items():
+            logger.warning("dtool-cache-manager: %d accesses in journal %r (written by %s) "
+                           "name items it never described: counted as lost", count, name,
                            writer)
         self.mismatched.clear()
+        self.unknown.clear()
+
+    def _add_compact(self, batch: "_Batch", token: str, user: str,
+                     accesses: List[Tuple[int, int, int]]) -> int:
+        """Add a journal's format-2 accesses up per (file, hour, before or after the file's
+        last removal), then into ``batch``: a tight loop, since a long run makes millions."""
+        defs = self.defs.get(token, {})
+        removed_us = {relpath: t * 1e6 for relpath, t in batch.removed_at.items()}
+        sums: Dict[Tuple[int, int, bool], List[int]] = {}
+        unknown = 0
+        for number, t, fetch in accesses:
+            d = defs.get(number)
+            if d is None:
+                unknown += 1
+                continue
+            key = (number, t // _HOUR_US, t <= removed_us.get(d.relpath, -1))
+            tally = sums.get(key)
+            if tally is None:
+                tally = sums[key] = [0, 0, 0, t]
+            if fetch < 0:
+                tally[0] += 1
+            else:
+                tally[1] += 1
+                tally[2] += fetch
+            if t > tally[3]:
+                tally[3] = t
+        for (number, hour, before), (hits, misses, fetch, last) in sums.items():
+            d = defs[number]
+            assert d is not None
+            batch.add_accesses(user, d.relpath, d.uri, d.uuid, d.identifier, d.scheme, d.size,
+                               d.mtime, hour, before, hits, misses, fetch / 1e6, last / 1e6)
+        if unknown:
+            batch.lost += unknown
+            count, _ = self.unknown.get(token, (0, user))
+            self.unknown[token] = (count + unknown, user)
+        return len(accesses) - unknown
+
+    def _remember_definitions(self, conn: sqlite3.Connection) -> None:
+        """Keep this fold's definitions for later folds and later segments."""
+        conn.executemany(
+            "INSERT OR REPLACE INTO journal_items (token, number, relpath, uri, uuid, "
+            "identifier, scheme, size, mtime) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(token, d.number, to_db(d.relpath), d.uri, d.uuid, d.identifier, d.scheme,
+              d.size, d.mtime) for token, d in self.new_defs])
+        self.new_defs.clear()
+
+    def _recall_definitions(self, conn: sqlite3.Connection, token: str,
+                            numbers: Iterable[int]) -> None:
+        """Definitions from earlier folds of the numbers this fold has not seen."""
+        defs = self.defs.setdefault(token, {})
+        missing = [n for n in numbers if n not in defs]
+        for row in diskindex.select_where_in(
+                conn, "SELECT number, relpath, uri, uuid, identifier, scheme, size, mtime "
+                      "FROM journal_items WHERE token = ? AND number", missing, (token,)):
+            if row_ok(row, "ipssssin") and is_item_relpath(from_db(row[1])):
+                defs[row[0]] = journal.ItemDefinition(row[0], from_db(row[1]), *row[2:])
+        for n in missing:
+            defs.setdefault(n, None)
 
 
 class Ledger:
@@ -491,33 +611,38 @@ class Ledger:
 
     # -- compaction --------------------------------------------------------------------
 
-    def compact(self, only_token: Optional[str] = None) -> int:
-        """Fold journals into the ledger; returns the number of access records applied.
+    def compact(self, only_token: Optional[str] = None, owner_leaving: bool = False) -> int:
+        """Fold journals into the ledger (only those of the process ``only_token``, if
+        given; ``owner_leaving``: that process is exiting); returns the number of accesses
+        applied.
 
-        Journals of dead processes are deleted once folded in, where we may (in a sticky
-        directory: our own, or everyone's as the bookkeeping's owner or root); a journal we
-        may not delete keeps its offset, so it is never counted twice.  Read-only ledgers
-        fold into their in-memory view without deleting anything.
+        Journals of dead processes, and segments their process has moved on from, are
+        deleted once folded in, where we may (in a sticky directory: our own, or everyone's
+        as the bookkeeping's owner or root); a journal we may not delete keeps its offset, so
+        it is never counted twice.  Read-only ledgers fold into their in-memory view without
+        deleting anything.
         """
         cache = self.cache
         finished: List[Tuple[str, os.stat_result]] = []
         folding = _Folding()
+        files = journal.journal_files(cache)
+        last_segment = {token: seq for _, token, seq in files}  # in segment order: the last
+        liveness: Dict[str, bool] = {}
         with self._transaction() if not self.readonly else _nothing() as conn:
             conn = conn or self.conn
             offsets = {t: (o, ino) for t, o, ino in conn.execute(
                 "SELECT token, offset, ino FROM journals")}
-            for token in journal.tokens(cache):
+            for name, token, seq in files:
                 if only_token is not None and token != only_token:
                     continue
-                opened, why = journal.open_journal(cache, token)
+                opened, why = journal.open_journal(cache, name, token, seq)
                 if opened is None:
                     if why != "gone":
                         logger.warning("dtool-cache-manager: not reading journal %r: %s",
-                                       token, why)
+                                       name, why)
                     continue
                 try:
-                    alive = only_token is None and holds.owner_alive(cache, token)
-                    offset, ino = offsets.get(token, (0, None))
+                    offset, ino = offsets.get(name, (0, None))
                     if ino is not None and ino != opened.stat.st_ino:
                         offset = 0  # another file under a name we read before
                     consumed, malformed = offset, 0
@@ -526,13 +651,21 @@ class Ledger:
                         malformed += bad
                     if malformed:
                         logger.warning("dtool-cache-manager: skipped %d malformed lines in "
-                                       "journal %r (written by %s)", malformed, token,
+                                       "journal %r (written by %s)", malformed, name,
                                        opened.user)
                     if not self.readonly:
                         conn.execute("INSERT OR REPLACE INTO journals (token, offset, ino) "
-                                     "VALUES (?, ?, ?)", (token, consumed, opened.stat.st_ino))
-                    if not alive:
-                        finished.append((token, opened.stat))
+                                     "VALUES (?, ?, ?)", (name, consumed, opened.stat.st_ino))
+                    # Done with: a segment its process has moved on from, or the last
+                    # of a process that has gone (or is going: its own exit fold).
+                    if seq < last_segment[token]:
+                        finished.append((name, opened.stat))
+                    else:
+                        if token not in liveness:
+                            liveness[token] = not owner_leaving \
+                                and holds.owner_alive(cache, token)
+                        if not liveness[token]:
+                            finished.append((name, opened.stat))
                 finally:
                     opened.close()
             folding.flush(conn)
@@ -543,18 +676,23 @@ class Ledger:
     def _delete_journals(self, finished: Sequence[Tuple[str, os.stat_result]]) -> None:
         cache = self.cache
         deleted = []
-        for token, st in finished:
+        for name, st in finished:
             try:
                 assert cache.journal_fd is not None
-                cachefs.unlink_entry(cache.journal_fd, token + journal.SUFFIX, same_as=st)
+                cachefs.unlink_entry(cache.journal_fd, name + journal.SUFFIX, same_as=st)
             except FileNotFoundError:
                 pass
             except OSError:
                 continue  # another member's, in a sticky directory: its offset stays
-            deleted.append((token,))
+            deleted.append((name,))
         if deleted:
+            remaining = {token for _, token, _ in journal.journal_files(cache)}
             with self._transaction() as conn:
                 conn.executemany("DELETE FROM journals WHERE token = ?", deleted)
+                # the definitions of processes none of whose journals are left
+                gone = [(t,) for (t,) in conn.execute("SELECT DISTINCT token FROM journal_items")
+                        if t not in remaining]
+                conn.executemany("DELETE FROM journal_items WHERE token = ?", gone)
 
     @staticmethod
     def _apply(conn: sqlite3.Connection, batch: _Batch) -> None:

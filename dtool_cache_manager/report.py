@@ -9,6 +9,7 @@ rest is pure assembly into frozen dataclasses; printing is :mod:`formatting`'s j
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import logging
 import os
@@ -16,7 +17,7 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from . import cachefs, diskindex
 from .api import open_ledger
@@ -123,6 +124,21 @@ class Indexed:
 STRAY_ROW = "ledger row names no cached item (outside the cache or our bookkeeping); dropped"
 
 
+_progress: contextvars.ContextVar[Optional[Callable[[int], None]]] = contextvars.ContextVar(
+    "dtool_cache_manager_progress", default=None)
+
+
+@contextmanager
+def reporting_progress(callback: Callable[[int], None]) -> Iterator[None]:
+    """Within the block, scans of the cache tell ``callback`` how many files they indexed
+    so far (the CLI shows a line on a terminal; see :func:`diskindex.refresh`)."""
+    token = _progress.set(callback)
+    try:
+        yield
+    finally:
+        _progress.reset(token)
+
+
 @contextmanager
 def indexed(cache_dir: str, full_rescan: bool = False) -> Iterator[Indexed]:
     """The ledger with its disk index brought up to date and rows of vanished files dropped
@@ -134,7 +150,8 @@ def indexed(cache_dir: str, full_rescan: bool = False) -> Iterator[Indexed]:
     with open_ledger(cache_dir) as ledger:
         result = Indexed(ledger, 0, [])
         conn = ledger.conn
-        refreshed = diskindex.refresh(conn, ledger.cache, full=full_rescan)
+        refreshed = diskindex.refresh(conn, ledger.cache, full=full_rescan,
+                                      progress=_progress.get())
         suspects = list(refreshed.vanished)
         if ledger.row_count() > diskindex.count_tracked(conn):
             suspects += [from_db(r) for (r,) in conn.execute(

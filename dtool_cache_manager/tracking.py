@@ -27,13 +27,16 @@ logger = logging.getLogger(__name__)
 
 
 class ItemState:
-    """What this process keeps per (uri, cached file): its hold key and journal line prefix."""
+    """What this process keeps per (uri, cached file): its hold key, and the number its
+    journal knows the file by, with the size and mtime that number stands for."""
 
-    __slots__ = ("key", "prefix")
+    __slots__ = ("key", "number", "size", "mtime")
 
     def __init__(self, key: HoldKey):
         self.key = key
-        self.prefix: Optional[bytes] = None
+        self.number: Optional[int] = None
+        self.size = -1
+        self.mtime = -1.0
 
 
 class ProcessSession:
@@ -43,22 +46,33 @@ class ProcessSession:
         self.cache = cache
         identity = current_identity()
         self.holds = HoldsFile(cache, identity)  # first: its lock marks the journal's owner live
-        self.journal = JournalWriter(cache, identity, self.holds.token)
+        self.journal = JournalWriter(cache, identity, self.holds.token,
+                                     on_rotate=self._fold_finished_segments)
         self.items: Dict[Tuple[str, str], ItemState] = {}
+
+    def _fold_finished_segments(self) -> None:
+        """The journal moved on to a new segment: fold the finished ones in and delete them,
+        so that a long run's journal stays small (by the access that filled the segment:
+        about a second for 32 MiB, every million accesses or so)."""
+        self._fold(leaving=False)
 
     def close(self) -> None:
         """Fold this process's journal in (a later reader does it if that fails, or if the
         ledger's path is not safe to use from here), then drop the holds."""
         self.journal.close()
-        if self.cache.unsafe is None:
-            try:
-                from .ledger import Ledger
-
-                with Ledger(self.cache, timeout=2.0) as ledger:
-                    ledger.compact(only_token=self.holds.token)
-            except Exception as exc:  # noqa: BLE001
-                logger.debug("dtool-cache-manager: journal left for later (%r)", exc)
+        self._fold(leaving=True)
         self.holds.close()
+
+    def _fold(self, leaving: bool) -> None:
+        if self.cache.unsafe is not None:
+            return
+        try:
+            from .ledger import Ledger
+
+            with Ledger(self.cache, timeout=2.0) as ledger:
+                ledger.compact(only_token=self.holds.token, owner_leaving=leaving)
+        except Exception as exc:  # noqa: BLE001
+            logger.debug("dtool-cache-manager: journal left for later (%r)", exc)
 
 
 _sessions: Dict[str, Optional[ProcessSession]] = {}
@@ -151,16 +165,17 @@ def post_item_content_abspath(uri, identifier, abspath):
             # The broker surprised us: hold the file it returned, and describe it afresh.
             state = ItemState(HoldKey(uri, access.placement.uuid, identifier, access.relpath))
             session.holds.hold(state.key, _current_scope(session.holds))
-        if state.prefix is None:
+        if state.number is None or state.size != access.size or state.mtime != access.mtime:
             plan = access.plan
-            state.prefix = session.journal.describe(
+            state.number = session.journal.describe(
                 access.relpath, uri, access.placement.uuid, identifier,
-                access.placement.scheme,
+                access.placement.scheme, access.size, access.mtime,
                 ManifestRecord(access.relpath, plan.item_relpath, plan.manifest_size,
                                plan.manifest_hash, plan.hash_function))
+            state.size, state.mtime = access.size, access.mtime
         # Stamped at completion: after the hold, so after any removal it waited for.
-        session.journal.record_access(state.prefix, time.time(), access.miss, access.size,
-                                      access.mtime, access.fetch_seconds)
+        session.journal.record_access(state.number, time.time(), access.miss,
+                                      access.fetch_seconds)
     except Exception as exc:  # noqa: BLE001
         _warn("could not record the access", exc)
         return
@@ -209,7 +224,7 @@ def _after_fork_in_child() -> None:
     # write into the parent's files: drop the inherited descriptors and start afresh.
     for session in list(_sessions.values()):
         if session is not None:
-            for fd in (session.holds._fd, session.journal._fd):
+            for fd in (session.holds._fd, session.journal._fd, session.journal._dir_fd):
                 try:
                     os.close(fd)
                 except OSError:

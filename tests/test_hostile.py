@@ -364,7 +364,7 @@ def test_ledger_rows_naming_our_bookkeeping_are_never_acted_on(http_dataset, sce
         (token,) = [n for n in os.listdir(os.path.join(meta, "holds"))
                     if f".{holder.pid}." in n]
         ours = [f"{META}/gate.lock", f"{META}/fetch.lock", f"{META}/holds/{token}",
-                f"{META}/journal/{token}.jsonl"]
+                f"{META}/journal/{token}.s0.jsonl"]
         for path in ours:
             assert os.path.isfile(os.path.join(scene.cache, path)), path
         insert_rows(scene, rel["a.txt"], ours)

@@ -219,7 +219,7 @@ class Game:
         token = self.alice_token()
         return ForgeryContext(self.host, self.cache, self.items, self.outside_files, [
             f"{META}/gate.lock", f"{META}/ledger.sqlite3", f"{META}/holds/{token}",
-            f"{META}/journal/{token}.jsonl", f"{META}/holds", META])
+            f"{META}/journal/{token}.s0.jsonl", f"{META}/holds", META])
 
     # -- failures ------------------------------------------------------------------------
 
@@ -255,7 +255,7 @@ class Game:
                 return role, os.path.join(directory, rng.choice(existing))
             token = f"{self.host}.{rng.randint(2, 4_000_000)}.{rng.getrandbits(32):08x}"
             names = (["h.x.1", token, token + ".new"] if role == "holds_file"
-                     else ["x.jsonl", token + ".jsonl", "journal.jsonl"])
+                     else ["x.jsonl", token + ".jsonl", token + ".s0.jsonl", "journal.jsonl"])
             return role, os.path.join(directory, rng.choice(names))
         if role == "dataset_dir":
             return role, os.path.join(self.cache, self.ds2.name)  # DS1's holds alice's items
@@ -365,7 +365,7 @@ class Game:
                      (os.path.join(meta, "autoclean.json"), self.sentinel.secret_path),
                      (os.path.join(meta, "gate.lock"), os.path.join(s["meta"], "gate.lock"))]
             token = self.alice_token()
-            pairs.append((os.path.join(meta, "journal", token + ".jsonl"),
+            pairs.append((os.path.join(meta, "journal", token + ".s0.jsonl"),
                           os.path.join(s["journal"], f"{self.host}.1.deadbeef.jsonl")))
             item = rng.choice([i for i in self.items if i not in self.held])
             pairs.append((item["path"], os.path.join(s["ds"], item["name"])))

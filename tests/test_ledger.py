@@ -23,8 +23,9 @@ def _writer(paths, token="h.1.t"):
 
 
 def _access(writer, relpath, t, miss=False, size=10, uri="s3://b/u"):
-    prefix = writer.describe(relpath, uri, "u", relpath.rsplit("/", 1)[-1], "s3", None)
-    writer.record_access(prefix, t, miss, size, t - 5, 0.25 if miss else 0.0)
+    number = writer.describe(relpath, uri, "u", relpath.rsplit("/", 1)[-1], "s3", size, t - 5,
+                             None)
+    writer.record_access(number, t, miss, 0.25 if miss else 0.0)
 
 
 def _cache(tmp_path):

@@ -1,0 +1,184 @@
+"""Compact, bounded journals for long runs: a few bytes per access, segments folded while
+the process runs, exact counts after SIGKILL at any moment, old journals still read.
+
+A training loop reads the same items epoch after epoch from one process.  Each warm access
+must cost the journal a short line (format 2: a number per item), the journal must stay
+small however long the run (segments, folded while it runs), and a SIGKILL at any moment
+(writing, rotating, folding) may lose at most the access in flight.
+"""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import dtool_cache_manager as dcm
+from dtool_cache_manager import cachefs, journal
+from dtool_cache_manager.holds import HoldsFile
+from dtool_cache_manager.ledger import Ledger
+
+META = ".dtool-cache-manager"
+
+# Accesses items round-robin, reporting each completed access; journal segments are tiny so
+# that rotations (and the folds they trigger) happen every few dozen accesses.
+LOOP = """
+import os, sys
+from dtool_cache_manager import journal
+journal.SEGMENT_BYTES = int(sys.argv[3])
+import dtoolcore
+ds = dtoolcore.DataSet.from_uri(sys.argv[1])
+ids = sorted(ds.identifiers)
+n = int(sys.argv[2])
+for i in range(n):
+    ds.item_content_abspath(ids[i % len(ids)])
+    os.write(1, b"%d\\n" % (i + 1))
+"""
+
+
+def journal_files(cache_dir):
+    return sorted(n for n in os.listdir(os.path.join(cache_dir, META, "journal"))
+                  if n.endswith(".jsonl"))
+
+
+def counted(ds, cache_dir):
+    return sum(dcm.num_times_accessed(ds.uri, ident, cache_dir=str(cache_dir))
+               for ident in ds.identifiers.values())
+
+
+def test_a_warm_access_costs_the_journal_a_short_line(http_dataset, cache_dir, make_env):
+    """After the first access of each item, an access adds at most 32 bytes."""
+    ds = http_dataset({f"f{i}.bin": b"x" * 10 for i in range(5)})
+    code = LOOP.replace('os.write(1, b"%d\\n" % (i + 1))', "pass") + """
+from dtool_cache_manager import tracking
+session = tracking._sessions[os.environ["DTOOL_CACHE_DIRECTORY"]]
+before = os.fstat(session.journal._fd).st_size
+for i in range(2000):
+    ds.item_content_abspath(ids[i % len(ids)])
+print((os.fstat(session.journal._fd).st_size - before) / 2000)
+"""
+    result = subprocess.run([sys.executable, "-c", code, ds.uri, "5", str(1 << 30)],
+                            env=make_env(cache_dir), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    per_access = float(result.stdout.split()[-1])
+    assert per_access <= 32, per_access
+    assert counted(ds, cache_dir) == 2005
+
+
+def test_a_long_run_keeps_its_journal_small_and_every_access_counted(http_dataset, cache_dir,
+                                                                     make_env):
+    """4,000 accesses with 2 KiB segments: the process rotates and folds as it goes, never
+    has more than two segments, and every access is counted once."""
+    ds = http_dataset({f"f{i}.bin": b"y" * 20 for i in range(7)})
+    proc = subprocess.Popen([sys.executable, "-c", LOOP, ds.uri, "4000", "2048"],
+                            env=make_env(cache_dir), stdout=subprocess.PIPE, text=True)
+    most = 0
+    for line in proc.stdout:  # a line per access: look at the journal as it goes
+        most = max(most, len(journal_files(cache_dir)))
+    assert proc.wait(timeout=300) == 0
+    assert 1 <= most <= 2, most
+    assert journal_files(cache_dir) == []  # folded at exit, all segments gone
+    assert counted(ds, cache_dir) == 4000
+    with cachefs.open_cache(str(cache_dir)) as cache, Ledger(cache) as ledger:
+        leftovers = ledger.conn.execute("SELECT count(*) FROM journal_items").fetchone()[0]
+    assert leftovers == 0  # the process's item definitions went with its last segment
+
+
+@pytest.mark.slow
+def test_sigkill_while_writing_rotating_or_folding_loses_at_most_one_access(
+        http_dataset, cache_dir, make_env):
+    """Kill a long-running accessor at random moments (its segments are a few hundred bytes,
+    so it is as often rotating or folding as accessing): the counts are then exact, less
+    at most the access in flight, and nothing is counted twice."""
+    seed = int(os.environ.get("DCM_FAULT_SEED") or random.randrange(1 << 30))
+    print(f"seed={seed}")
+    rng = random.Random(seed)
+    ds = http_dataset({f"f{i}.bin": bytes([65 + i]) * 30 for i in range(5)})
+    env = make_env(cache_dir)
+    done_total = 0
+    for round_ in range(12):
+        proc = subprocess.Popen([sys.executable, "-c", LOOP, ds.uri, "100000", "300"],
+                                env=env, stdout=subprocess.PIPE, text=True)
+        target = rng.randint(50, 800)
+        done = 0
+        for line in proc.stdout:
+            done = int(line)
+            if done >= target:
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, f"seed={seed} round={round_}"
+        # Lines may still have been in the pipe after ``done``: read what is left.
+        rest = proc.stdout.read().split()
+        done = int(rest[-1]) if rest else done
+        done_total += done
+        total = counted(ds, cache_dir)  # folds the dead process's segments
+        assert done_total <= total <= done_total + 1, (
+            f"seed={seed} round={round_}: counted {total}, completed {done_total}")
+        done_total = total  # an in-flight access that made it in is a real access
+    assert journal_files(cache_dir) == []
+
+
+def test_a_journal_written_before_the_upgrade_is_still_read(http_dataset, cache_dir):
+    """A format-1 journal (one full line per access) of a process that exited before the
+    upgrade, left for the next reader: every access counts, attributed to its owner."""
+    ds = http_dataset({"a.txt": b"a" * 100})
+    ident = ds.identifiers["a.txt"]
+    relpath = str(ds.cache_path(cache_dir, "a.txt").relative_to(cache_dir))
+    cachefs.open_cache(str(cache_dir)).close()  # the bookkeeping, as the old version left it
+    host = socket.gethostname()
+    t = int(time.time() * 1e6)
+    lines = [["j", 1, "someone", host, 4242, time.time()],
+             ["m", relpath, "a.txt", 100, ds.md5[ident], "md5sum_hexdigest"],
+             ["a", relpath, ds.uri, ds.uuid, ident, "http", t - 2_000_000, 1, 100, t, 5000],
+             ["a", relpath, ds.uri, ds.uuid, ident, "http", t - 1_000_000, 0, 100, t, 0],
+             ["a", relpath, ds.uri, ds.uuid, ident, "http", t, 0, 100, t, 0]]
+    path = os.path.join(cache_dir, META, "journal", f"{host}.4242.0badf00d.jsonl")
+    with open(path, "w") as fh:
+        fh.writelines(json.dumps(line) + "\n" for line in lines)
+    assert dcm.num_times_accessed(ds.uri, ident, cache_dir=str(cache_dir)) == 3
+    with cachefs.open_cache(str(cache_dir)) as cache, Ledger(cache) as ledger:
+        row = ledger.item(relpath)
+        users = ledger.users_of(relpath)
+    assert (row.hits, row.misses, row.manifest_size) == (2, 1, 100)
+    me = cachefs.user_name(os.geteuid())
+    assert set(users) == {f"{me}@{host}"}  # the file's owner, not the header's 'someone'
+    assert not os.path.exists(path)  # its process is gone: folded and removed
+
+
+def test_journal_segments_are_read_in_order_across_folds(tmp_path):
+    """Numbers defined in one segment and used in the next, folded by separate compactions
+    (the definitions are kept in the ledger between them)."""
+    cache = cachefs.open_cache(str(tmp_path))
+    try:
+        holds = HoldsFile(cache, dcm_identity(), "h.1.abc")  # its flock: the writer is alive
+        writer = journal.JournalWriter(cache, dcm_identity(), "h.1.abc")
+        number = writer.describe("ds/" + "a" * 40, "s3://b/ds", "u", "a" * 40, "s3", 5, 1.0,
+                                 None)
+        writer.record_access(number, 100.0, True, 0.5)
+        with Ledger(cache) as ledger:
+            assert ledger.compact() == 1
+        writer._rotate()
+        for t in (101.0, 102.0):
+            writer.record_access(number, t, False, 0.0)
+        with Ledger(cache) as ledger:
+            assert ledger.compact() == 2  # the finished segment is deleted, the new kept
+            row = ledger.item("ds/" + "a" * 40)
+            assert (row.hits, row.misses, row.last_access) == (2, 1, 102.0)
+        assert [n for n in os.listdir(cache.journal_fd)] == ["h.1.abc.s1.jsonl"]
+        writer.close()
+        holds.close()
+    finally:
+        cache.close()
+
+
+def dcm_identity():
+    from dtool_cache_manager.layout import Identity
+
+    return Identity("tester", "h", 1)
