@@ -9,7 +9,12 @@ and real cache files are used:
 * naive   - the original spec (sqlitedict + filelock on every access),
             see ``naive_sqlitedict.py``.
 
-Run:  python benchmarks/hook_overhead.py [--calls N] [--items K]
+Then a long run: one process making ``--long-calls`` warm accesses (a training loop reading
+the same items epoch after epoch), timed from its start to its exit (the fold of its
+journal included), with tracking against without; the bytes its journal took per access,
+and the most the journal directory held at any moment (sampled every few milliseconds).
+
+Run:  python benchmarks/hook_overhead.py [--calls N] [--items K] [--long-calls M]
                                           [--write-rst docs/performance.rst]
 """
 
@@ -18,10 +23,12 @@ import datetime
 import functools
 import gc
 import http.server
+import json
 import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -35,6 +42,9 @@ from naive_sqlitedict import NaiveTracker
 
 DISABLE_VAR = "DTOOL_CACHE_MANAGER_DISABLE"
 MAX_TRACKED_OVERHEAD_US = 20.0
+MAX_LONG_RUN_OVERHEAD_US = 6.0
+MAX_JOURNAL_BYTES_PER_ACCESS = 32.0
+MAX_JOURNAL_ON_DISK = 64 * 2 ** 20
 MIN_RATIO = 50.0
 ROUNDS = 20
 SETTLE_CALLS = 100  # untimed calls after each switch: re-warm CPU caches the last variant evicted
@@ -191,6 +201,119 @@ def format_report(medians, n_calls, n_items, notes, patched):
     return "\n".join(lines)
 
 
+# One long-running process: warm accesses round-robin, then exit.  It reports the bytes its
+# journal took: every finished segment's, plus the last one's (counted before the exit fold).
+LONG_RUN = r"""
+import functools, json, os, sys
+from dtool_cache_manager import journal
+finished = []
+rotate = journal.JournalWriter._rotate
+
+
+def counting_rotate(self):
+    finished.append(self._written)
+    rotate(self)
+
+
+journal.JournalWriter._rotate = counting_rotate
+import dtoolcore
+ds = dtoolcore.DataSet.from_uri(sys.argv[1])
+broker = ds._storage_broker
+broker.get_manifest = functools.lru_cache(maxsize=None)(broker.get_manifest)
+ids = sorted(ds.identifiers)
+access = ds.item_content_abspath
+for i in range(int(sys.argv[2])):
+    access(ids[i % len(ids)])
+from dtool_cache_manager import tracking
+session = tracking._sessions.get(os.environ["DTOOL_CACHE_DIRECTORY"])
+written = None if session is None else sum(finished) + session.journal._written
+print(json.dumps({"journal_bytes": written}), flush=True)
+"""
+
+
+def journal_bytes_on_disk(journal_dir):
+    total = 0
+    try:
+        entries = list(os.scandir(journal_dir))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if entry.name.endswith(".jsonl"):
+            try:
+                total += entry.stat(follow_symlinks=False).st_size
+            except FileNotFoundError:  # folded and removed meanwhile
+                pass
+    return total
+
+
+def time_long_run(uri, cache_dir, calls, tracked):
+    """(seconds from start to exit, journal bytes it wrote, most bytes on disk at once)."""
+    env = dict(os.environ)
+    if tracked:
+        env.pop(DISABLE_VAR, None)
+    else:
+        env[DISABLE_VAR] = "1"
+    journal_dir = os.path.join(cache_dir, ".dtool-cache-manager", "journal")
+    peak = [0]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], journal_bytes_on_disk(journal_dir))
+            stop.wait(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", LONG_RUN, uri, str(calls)], env=env,
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    stop.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"the long run failed:\n{proc.stderr}")
+    written = json.loads(proc.stdout.splitlines()[-1])["journal_bytes"]
+    return seconds, written, peak[0]
+
+
+def run_long(uri, cache_dir, calls, repeat):
+    """Both variants ``repeat`` times, alternating; medians."""
+    runs = {"disabled": [], "tracked": []}
+    for _ in range(repeat):
+        for name in runs:
+            runs[name].append(time_long_run(uri, cache_dir, calls, name == "tracked"))
+    seconds = {name: statistics.median(r[0] for r in rs) for name, rs in runs.items()}
+    written = max(r[1] for r in runs["tracked"])
+    peak = max(r[2] for r in runs["tracked"])
+    return seconds, written, peak
+
+
+def format_long_report(calls, repeat, seconds, written, peak):
+    overhead_us = (seconds["tracked"] - seconds["disabled"]) / calls * 1e6
+    per_access = written / calls
+    checks = [
+        (f"overhead {overhead_us:.1f} µs per access", f"<= {MAX_LONG_RUN_OVERHEAD_US:.0f} µs",
+         overhead_us <= MAX_LONG_RUN_OVERHEAD_US),
+        (f"journal {per_access:.1f} B per access", f"<= {MAX_JOURNAL_BYTES_PER_ACCESS:.0f} B",
+         per_access <= MAX_JOURNAL_BYTES_PER_ACCESS),
+        (f"journal on disk at most {peak / 2 ** 20:.1f} MiB",
+         f"<= {MAX_JOURNAL_ON_DISK // 2 ** 20} MiB", peak <= MAX_JOURNAL_ON_DISK),
+    ]
+    lines = [
+        f"long run: one process, {calls:,} warm accesses, start to exit (exit fold included), "
+        f"median of {repeat}",
+        "",
+        f"{'variant':<10}{'seconds':>10}{'µs/access':>12}",
+    ]
+    for name in ("disabled", "tracked"):
+        lines.append(f"{name:<10}{seconds[name]:>10.2f}{seconds[name] / calls * 1e6:>12.2f}")
+    lines.append("")
+    lines += [f"{what} [target {target}: {'ok' if ok else 'missed'}]"
+              for what, target, ok in checks]
+    lines.append("=> " + ("PASS" if all(ok for _, _, ok in checks) else "FAIL"))
+    return "\n".join(lines)
+
+
 def write_rst(path, report):
     """Put ``report`` between the hook-overhead markers of ``path`` (created if missing)."""
     block = "\n".join(
@@ -219,10 +342,16 @@ def main(argv=None):
     parser.add_argument("--naive-calls", type=int, default=1000,
                         help="timed calls for naive (about 3 ms each)")
     parser.add_argument("--items", type=int, default=20, help="items in the dataset")
+    parser.add_argument("--long-calls", type=int, default=1_000_000,
+                        help="warm accesses of the long run (0: skip it)")
+    parser.add_argument("--long-repeat", type=int, default=3,
+                        help="runs of each long-run variant (medians)")
     parser.add_argument("--write-rst", metavar="PATH", help="also write the table into PATH")
     args = parser.parse_args(argv)
     if min(args.calls, args.naive_calls, args.items) < 1:
         parser.error("--calls, --naive-calls and --items must be >= 1")
+    if args.long_calls < 0 or args.long_repeat < 1:
+        parser.error("--long-calls must be >= 0 and --long-repeat >= 1")
 
     notes = []
     with tempfile.TemporaryDirectory(prefix="dtool-hook-overhead-") as tmp:
@@ -266,6 +395,10 @@ def main(argv=None):
             }
             identifiers = sorted(ds.identifiers)
             medians, n_calls = run_variants(variants, identifiers, args.calls, args.naive_calls)
+            if args.long_calls:
+                long_report = format_long_report(
+                    args.long_calls, args.long_repeat,
+                    *run_long(ds.uri, cache_dir, args.long_calls, args.long_repeat))
         finally:
             if naive is not None:
                 naive.close()
@@ -274,6 +407,8 @@ def main(argv=None):
             thread.join()
 
     report = format_report(medians, n_calls, args.items, notes, patched)
+    if args.long_calls:
+        report += "\n\n" + long_report
     print(report)
     if args.write_rst:
         write_rst(args.write_rst, report)

@@ -248,6 +248,39 @@ def read_at_most(fd: int, limit: int, offset: int = 0) -> bytes:
     return b"".join(chunks)
 
 
+def iter_chunks(fd: int, start: int, end: int, size: int
+                ) -> Iterator[Tuple[Optional[bytes], int]]:
+    """(chunk, offset after it) between ``start`` and ``end``: chunks of at most ``size``
+    bytes of complete lines.  A line longer than ``size`` comes as (None, offset after it):
+    skipped, never held in memory.  A last line without its newline is a write in progress:
+    not yielded."""
+    offset = start
+    while offset < end:
+        data = os.pread(fd, min(size, end - offset), offset)
+        if not data:
+            return
+        cut = data.rfind(b"\n")
+        if cut >= 0:
+            yield data[:cut + 1], offset + cut + 1
+            offset += cut + 1
+            continue
+        if len(data) < size:
+            return  # the line being written
+        skip = offset + len(data)  # a line longer than a chunk: find its end
+        while skip < end:
+            data = os.pread(fd, min(size, end - skip), skip)
+            if not data:
+                return
+            newline = data.find(b"\n")
+            if newline >= 0:
+                break
+            skip += len(data)
+        else:
+            return
+        offset = skip + newline + 1
+        yield None, offset
+
+
 def iter_lines(fd: int, start: int, end: int, max_line: int
                ) -> Iterator[Tuple[Optional[bytes], int]]:
     """(line, offset after it) for each complete line between ``start`` and ``end``, read in

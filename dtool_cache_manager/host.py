@@ -86,7 +86,7 @@ class Access:
         self.placement = placement
         self.identifier = identifier
         self.plan = plan
-        self.started = time.time()
+        self.started = 0.0  # stamped once the pre hooks (the hold) are done
         self.abspath: Optional[str] = None
         self.relpath: Optional[str] = None
         self.miss = False

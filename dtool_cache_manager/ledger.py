@@ -98,7 +98,8 @@ _MIGRATIONS = {
         f"UPDATE files SET kind = {diskindex.UNTRACKED} WHERE kind = 0 AND uuid IS NULL",
         lambda conn: _add_column(conn, "dirs", "racy INTEGER NOT NULL DEFAULT 0"),
         lambda conn: _add_column(conn, "dirs", "entries INTEGER"),
-        lambda conn: _add_column(conn, "dirs", "digest INTEGER")),
+        lambda conn: _add_column(conn, "dirs", "digest INTEGER"),
+        lambda conn: _add_column(conn, "journals", "hour INTEGER")),
 }
 
 _ITEMS_TABLE = """
@@ -145,7 +146,7 @@ CREATE TABLE IF NOT EXISTS usage (
 ) WITHOUT ROWID;
 {_REMOVALS_TABLE.format(name="removals")};
 CREATE TABLE IF NOT EXISTS journals (token TEXT PRIMARY KEY, offset INTEGER NOT NULL,
-                                     ino INTEGER);
+                                     ino INTEGER, hour INTEGER);
 CREATE TABLE IF NOT EXISTS journal_items (
     token TEXT NOT NULL, number INTEGER NOT NULL, relpath TEXT NOT NULL, uri TEXT NOT NULL,
     uuid TEXT NOT NULL, identifier TEXT NOT NULL, scheme TEXT NOT NULL,
@@ -270,7 +271,6 @@ class _Batch:
         who[2] = max(who[2], last)
 
 
-_HOUR_US = 3_600_000_000
 
 
 def _names_item(relpath: str, identifier: str) -> bool:
@@ -287,7 +287,7 @@ class _Folding:
 
     def __init__(self) -> None:
         self.records: List[object] = []
-        self.compact: List[Tuple[str, str, List[Tuple[int, int, int]]]] = []
+        self.compact: List[Tuple[str, str, journal.HourSection]] = []
         self.pending = 0
         self.defs: Dict[str, Dict[int, Optional[journal.ItemDefinition]]] = {}
         self.new_defs: List[Tuple[str, journal.ItemDefinition]] = []
@@ -299,10 +299,9 @@ class _Folding:
             source: journal.OpenJournal) -> None:
         defs = self.defs.setdefault(source.token, {})
         for rec in records:
-            if isinstance(rec, journal.CompactAccesses):
-                self.compact.append((source.token, f"{source.user}@{source.host}",
-                                     rec.accesses))
-                self.pending += len(rec.accesses)
+            if isinstance(rec, journal.HourSection):
+                self.compact.append((source.token, f"{source.user}@{source.host}", rec))
+                self.pending += rec.count
                 continue
             if isinstance(rec, journal.ItemDefinition):
                 if is_item_relpath(rec.relpath) and _names_item(rec.relpath, rec.identifier):
@@ -332,16 +331,16 @@ class _Folding:
         compact, self.compact = self.compact, []
         self.pending = 0
         self._remember_definitions(conn)
-        for token, _, accesses in compact:
-            self._recall_definitions(conn, token, {n for n, _, _ in accesses})
+        for token, _, section in compact:
+            self._recall_definitions(conn, token, section.numbers())
         relpaths = {r.relpath for r in records if isinstance(r, journal.AccessRecord)}
         relpaths.update(d.relpath for defs in self.defs.values() for d in defs.values() if d)
         batch = _Batch(_removal_times(conn, relpaths))
         for rec in records:
             batch.add(rec)
         applied = sum(isinstance(r, journal.AccessRecord) for r in records)
-        for token, user, accesses in compact:
-            applied += self._add_compact(batch, token, user, accesses)
+        for token, user, section in compact:
+            applied += self._add_compact(batch, token, user, section)
         Ledger._apply(conn, batch)
         self.applied += applied
         for name, (count, writer) in self.mismatched.items():
@@ -356,39 +355,57 @@ class _Folding:
         self.unknown.clear()
 
     def _add_compact(self, batch: "_Batch", token: str, user: str,
-                     accesses: List[Tuple[int, int, int]]) -> int:
-        """Add a journal's format-2 accesses up per (file, hour, before or after the file's
-        last removal), then into ``batch``: a tight loop, since a long run makes millions."""
+                     section: journal.HourSection) -> int:
+        """Add an hour of a journal's format-2 accesses into ``batch`` per (file, before or
+        after the file's last removal): the hits come counted per file; only a file removed
+        within that very hour has its hits split at the removal, one by one."""
         defs = self.defs.get(token, {})
-        removed_us = {relpath: t * 1e6 for relpath, t in batch.removed_at.items()}
-        sums: Dict[Tuple[int, int, bool], List[int]] = {}
+        start = section.hour * journal.HOUR_US
+        sums: Dict[Tuple[int, bool], List[int]] = {}  # -> [hits, misses, fetch µs, last µs]
+
+        def tally(number: int, before: bool, hits: int, misses: int, fetch: int,
+                  last: int) -> None:
+            entry = sums.get((number, before))
+            if entry is None:
+                sums[(number, before)] = [hits, misses, fetch, last]
+            else:
+                entry[0] += hits
+                entry[1] += misses
+                entry[2] += fetch
+                entry[3] = max(entry[3], last)
+
         unknown = 0
-        for number, t, fetch in accesses:
+        for number, (hits, last_us) in section.hits.items():
+            d = defs.get(number)
+            if d is None:
+                unknown += hits
+                continue
+            removed = batch.removed_at.get(d.relpath)
+            removed_us = -1 if removed is None else removed * 1e6
+            if removed_us < start or removed_us >= start + journal.HOUR_US:
+                tally(number, removed_us >= start, hits, 0, 0, start + last_us)
+                continue
+            for us in section.hit_times(number):  # removed within the hour: split there
+                tally(number, start + us <= removed_us, 1, 0, 0, start + us)
+        for number, us, fetch in section.misses:
             d = defs.get(number)
             if d is None:
                 unknown += 1
                 continue
-            key = (number, t // _HOUR_US, t <= removed_us.get(d.relpath, -1))
-            tally = sums.get(key)
-            if tally is None:
-                tally = sums[key] = [0, 0, 0, t]
-            if fetch < 0:
-                tally[0] += 1
-            else:
-                tally[1] += 1
-                tally[2] += fetch
-            if t > tally[3]:
-                tally[3] = t
-        for (number, hour, before), (hits, misses, fetch, last) in sums.items():
+            removed = batch.removed_at.get(d.relpath)
+            t = start + us
+            tally(number, removed is not None and t <= removed * 1e6, 0, 1, fetch, t)
+        for (number, before), (hits, misses, fetch, last) in sums.items():
             d = defs[number]
             assert d is not None
             batch.add_accesses(user, d.relpath, d.uri, d.uuid, d.identifier, d.scheme, d.size,
-                               d.mtime, hour, before, hits, misses, fetch / 1e6, last / 1e6)
+                               d.mtime, section.hour, before, hits, misses, fetch / 1e6,
+                               last / 1e6)
         if unknown:
             batch.lost += unknown
             count, _ = self.unknown.get(token, (0, user))
             self.unknown[token] = (count + unknown, user)
-        return len(accesses) - unknown
+        return section.count - unknown
 
     def _remember_definitions(self, conn: sqlite3.Connection) -> None:
         """Keep this fold's definitions for later folds and later segments."""
@@ -630,8 +647,8 @@ class Ledger:
         liveness: Dict[str, bool] = {}
         with self._transaction() if not self.readonly else _nothing() as conn:
             conn = conn or self.conn
-            offsets = {t: (o, ino) for t, o, ino in conn.execute(
-                "SELECT token, offset, ino FROM journals")}
+            offsets = {t: (o, ino, hour) for t, o, ino, hour in conn.execute(
+                "SELECT token, offset, ino, hour FROM journals")}
             for name, token, seq in files:
                 if only_token is not None and token != only_token:
                     continue
@@ -642,11 +659,14 @@ class Ledger:
                                        name, why)
                     continue
                 try:
-                    offset, ino = offsets.get(name, (0, None))
+                    offset, ino, hour = offsets.get(name, (0, None, None))
                     if ino is not None and ino != opened.stat.st_ino:
-                        offset = 0  # another file under a name we read before
+                        offset, hour = 0, None  # another file under a name we read before
+                    if not isinstance(hour, int) or not 0 <= hour < journal.MAX_HOUR:
+                        hour = None
                     consumed, malformed = offset, 0
-                    for records, consumed, bad in journal.read_records(opened, offset):
+                    for records, consumed, bad, hour in journal.read_records(opened, offset,
+                                                                             hour):
                         folding.add(conn, records, opened)
                         malformed += bad
                     if malformed:
@@ -654,8 +674,9 @@ class Ledger:
                                        "journal %r (written by %s)", malformed, name,
                                        opened.user)
                     if not self.readonly:
-                        conn.execute("INSERT OR REPLACE INTO journals (token, offset, ino) "
-                                     "VALUES (?, ?, ?)", (name, consumed, opened.stat.st_ino))
+                        conn.execute("INSERT OR REPLACE INTO journals (token, offset, ino, "
+                                     "hour) VALUES (?, ?, ?, ?)",
+                                     (name, consumed, opened.stat.st_ino, hour))
                     # Done with: a segment its process has moved on from, or the last
                     # of a process that has gone (or is going: its own exit fold).
                     if seq < last_segment[token]:

@@ -132,6 +132,7 @@ def test_schema_v1_is_upgraded_in_place(tmp_path):
 TO_SCHEMA_V6 = """
 UPDATE files SET kind = 0 WHERE kind = 2;
 ALTER TABLE files RENAME COLUMN kind TO partial;
+ALTER TABLE journals DROP COLUMN hour;
 UPDATE meta SET value = '6' WHERE key = 'schema_version';
 """
 

@@ -182,3 +182,82 @@ def dcm_identity():
     from dtool_cache_manager.layout import Identity
 
     return Identity("tester", "h", 1)
+
+
+H = journal.HOUR_US
+
+
+def test_a_chunk_is_counted_per_item_and_hour_and_odd_lines_are_malformed():
+    """Hits counted per number and hour (the last written kept), misses one by one, and
+    every line that is not a well-formed record counted as malformed, none trusted."""
+    data = b"".join([
+        b'["j",2,"alice","h",1,0.0,0]\n',
+        b'[0,0000000005]\n',  # before any hour mark: no time to count it at
+        b'["h",100]\n',
+        b'[0,0000000010]\n[1,0000000020]\n[0,0000000030]\n[007,0000000040]\n',
+        b'[1,0000000050,1500]\n',  # a miss, with its fetch
+        b'\n',  # an empty line: skipped, not malformed
+        b'[2,3600000000]\n',  # past the hour
+        b'[2,5]\n',  # not 10 digits
+        b'[1234567890123456789,0000000001]\n',  # a number over 18 digits
+        b'garbage\n["i",1]\n["h",-1]\n',  # no record; a definition too short; no hour
+        b'["h",101]\n[0,0000000001]\n',
+    ])
+    records, malformed, hour = journal.parse_chunk(data, "alice", "h", None)
+    sections = [r for r in records if isinstance(r, journal.HourSection)]
+    assert [(s.hour, s.hits, s.misses) for s in sections] == [
+        (100, {0: (2, 30), 7: (1, 40), 1: (1, 20)}, [(1, 50, 1500)]),
+        (101, {0: (1, 1)}, [])]
+    assert malformed == 1 + 3 + 3
+    assert hour == 101  # in force for the next chunk
+    assert sections[0].hit_times(7) == [40] and sections[0].count == 5
+    # The next chunk goes on in that hour.
+    records, malformed, hour = journal.parse_chunk(b"[3,0000000002]\n", "alice", "h", 101)
+    assert (records[0].hour, records[0].hits, malformed) == (101, {3: (1, 2)}, 0)
+
+
+def test_the_writer_marks_the_hour_and_a_removal_within_it_splits_the_hits(tmp_path):
+    """Hits before a removal in the same hour only add history; those after count for the
+    file now cached.  A segment starts with its hour's mark; a new hour gets one."""
+    cache = cachefs.open_cache(str(tmp_path))
+    try:
+        writer = journal.JournalWriter(cache, dcm_identity(), "h.2.abc")
+        relpath = "ds/" + "b" * 40
+        number = writer.describe(relpath, "s3://b/ds", "u", "b" * 40, "s3", 5, 1.0, None)
+        hour = int(time.time() // 3600) - 2  # recent: removals are remembered for a while
+        start = hour * 3600.0
+        for t in (start + 10, start + 20, start + 30, start + 40, start + 3600 + 5):
+            writer.record_access(number, t, False, 0.0)
+        with open(writer.path, "rb") as fh:
+            lines = fh.read().splitlines()
+        assert json.loads(lines[1]) == ["i", 0, relpath, "s3://b/ds", "u", "b" * 40, "s3", 5,
+                                        1000000]
+        assert lines[2:] == [b'["h",%d]' % hour, b"[0,0010000000]", b"[0,0020000000]",
+                             b"[0,0030000000]", b"[0,0040000000]", b'["h",%d]' % (hour + 1),
+                             b"[0,0005000000]"]
+        assert all(len(line) + 1 <= 32 for line in lines[-5:])
+        writer.close()
+        with Ledger(cache) as ledger:
+            ledger.forget([relpath], removed_at=start + 25)  # between the 2nd and 3rd hit
+            assert ledger.compact() == 5
+            row = ledger.item(relpath)
+            assert (row.hits, row.misses, row.last_access) == (3, 0, start + 3605)
+            history = ledger.conn.execute(
+                "SELECT hour, sum(hits) FROM usage WHERE relpath = ? GROUP BY hour",
+                (relpath,)).fetchall()
+            assert history == [(hour, 4), (hour + 1, 1)]  # every access is history
+    finally:
+        cache.close()
+
+
+def test_chunks_hold_complete_lines_and_skip_a_line_longer_than_a_chunk(tmp_path):
+    one, two = b"[1,0000000001]\n", b"[2,0000000002]\n"
+    data = one * 3 + b"x" * 50 + b"\n" + two + b"[3,00"  # the last line is being written
+    path = tmp_path / "segment"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = list(cachefs.iter_chunks(fd, 0, len(data), 32))
+    finally:
+        os.close(fd)
+    assert chunks == [(one * 2, 30), (one, 45), (None, 96), (two, 111)]

@@ -170,3 +170,93 @@ def test_summary_ls_and_clean_are_exact_at_20k_items(built):
         items.pop(relpath, None)
     after = assert_summary_matches_disk(cache, items)
     assert after["total_size_bytes"] - after["partial_size_bytes"] <= int(total * 0.9)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """Half the files tracked, half left by dtool before the plugin came (up to 60 days old)."""
+    cache = str(tmp_path_factory.mktemp("mixed") / "cache")
+    items = SCALE.build_cache(cache, 2 * N_ITEMS, 2 * N_DIRS, untracked_share=0.5, seed=2,
+                              untracked_age_days=60)
+    return cache, {i.relpath: i for i in items}
+
+
+def last_use_on_disk(cache, items):
+    """relpath -> when each file on disk was last used, from the build and lstat alone: its
+    last journalled access, else the later of its mtime and atime."""
+    found = {}
+    for relpath in disk_files(cache, partials=False):
+        built = items.get(relpath)
+        if built is not None and built.last_access:
+            found[relpath] = built.last_access
+        else:
+            st = os.lstat(os.path.join(cache, relpath))
+            found[relpath] = max(st.st_mtime, st.st_atime)
+    return found
+
+
+def assert_listing_and_plans_match_disk(cache, items):
+    disk = disk_files(cache, partials=False)
+    listed = cli(cache, "ls")
+    assert {i["path"]: i["size_bytes"] for i in listed} == disk
+    assert {i["path"] for i in listed if i["tracked"]} == \
+        {r for r in disk if items[r].last_access}
+    newest = sorted((r for r in disk if items[r].last_access),
+                    key=lambda r: (items[r].last_access, r), reverse=True)[:100]
+    assert [i["path"] for i in cli(cache, "ls", "--sort", "accessed", "--limit", "100")] \
+        == newest
+    never = sorted(r for r in disk if not items[r].last_access)
+    assert [i["path"] for i in cli(cache, "ls", "--sort", "accessed:asc", "--limit", "100")] \
+        == never[:100]
+
+    used = last_use_on_disk(cache, items)
+    now = time.time()
+    month = 30 * 86400
+    older = report.plan(cache, Rules(older_than_seconds=month), now=now)
+    assert {r.relpath for r in older.removals} == {r for r, t in used.items() if now - t >= month}
+    assert older.expected_freed_bytes == sum(disk[r.relpath] for r in older.removals)
+    # Least recently used first, until half the bytes are left: tracked and untracked alike.
+    total = sum(disk.values())
+    lru = sorted(used, key=lambda r: (used[r], -disk[r], r))
+    expected, left = [], total
+    for relpath in lru:
+        if left <= total // 2:
+            break
+        expected.append(relpath)
+        left -= disk[relpath]
+    half = report.plan(cache, Rules(retain_size_bytes=total // 2), now=now)
+    assert [r.relpath for r in half.removals] == expected
+    for rules in (Rules(older_than_seconds=month), Rules(retain_size_bytes=total // 2)):
+        general = report.plan_clean(report.inventory(cache), rules, now=now)
+        assert report.plan(cache, rules, now=now).removals == general.removals
+    return used
+
+
+def test_untracked_and_tracked_alike_agree_with_the_disk_before_and_after_a_clean(mixed):
+    cache, items = mixed
+    tracked = sum(1 for i in items.values() if i.last_access)
+    assert min(tracked, len(items) - tracked) > 0.45 * len(items)
+    assert_summary_matches_disk(cache, items)
+    used = assert_listing_and_plans_match_disk(cache, items)
+
+    month = 30 * 86400
+    before = time.time()
+    cleaned = cli(cache, "clean", "--older-than", "30d", "--yes")
+    after = time.time()
+    removed = set(cleaned["removed"])
+    surely = {r for r, t in used.items() if t <= before - month}
+    maybe = {r for r, t in used.items() if t <= after - month}
+    assert surely <= removed <= maybe and len(removed) > 0.2 * len(items)
+    assert any(not items[r].last_access for r in removed) and \
+        any(items[r].last_access for r in removed), "both kinds are cleaned"
+    assert not removed & set(disk_files(cache)), "removed from the disk"
+    for relpath in removed:
+        del items[relpath]
+
+    # The clean took its removals off the index: the next command lists each directory it
+    # changed once to confirm it, and rescans none.
+    again = refresh_count(cache)
+    assert (again.rescanned_dirs, again.stat_calls) == (0, 0), again
+    summary = assert_summary_matches_disk(cache, items)
+    assert summary["num_items"] == len(disk_files(cache, partials=False)) == len(items)
+    assert_listing_and_plans_match_disk(cache, items)
