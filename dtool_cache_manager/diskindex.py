@@ -20,6 +20,13 @@ instead of rescanning it.  What this cannot see, by design: a file rewritten in 
 same name and inode (dtool never does this; brokers write a temporary file and rename it)
 and atime changes of files no hook has seen.  ``refresh(full=True)`` restats everything.
 
+The first scan of a cache (every directory new: a cache filled before the plugin came)
+indexes every file: a worker thread lists the next directories while this one stores the
+last, each as one statement that SQLite runs without the GIL (:class:`_Prefetcher`); the
+secondary indexes are sorted once, at the end; it commits as it goes, so an interrupted
+first scan goes on where it stopped.  Untracked files are first-class: ``files.kind`` tells
+them from tracked ones and partial downloads, so one index range counts or orders either.
+
 The ``files`` rows also carry the ledger's last access, access count and UUID of each file,
 so that reports, ``ls --sort accessed`` and LRU cleaning are index queries, not joins of a
 million rows.  The ledger's compaction and removals keep them in step (see :mod:`ledger`).
@@ -217,8 +224,8 @@ def refresh(conn: sqlite3.Connection, cache: CacheDir, full: bool = False,
             elif full or mtime_ns is None:
                 changed.append((rel, st))
             elif st.st_mtime_ns != mtime_ns or checks[rel][0]:
-                listed = _listing_digest(dirs, rel) if checks[rel][2] is not None else None
-                if listed is not None and listed == checks[rel][1:]:
+                digest = _listing_digest(dirs, rel) if checks[rel][2] is not None else None
+                if digest is not None and digest == checks[rel][1:]:
                     confirmed.append((rel, st))
                 else:
                     changed.append((rel, st))
