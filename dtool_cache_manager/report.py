@@ -409,12 +409,11 @@ def plan_clean(inv: Inventory, rules: Rules, now: Optional[float] = None) -> Cle
                        rules, now)
     skipped = tuple((c.relpath, by_relpath[c.relpath].holders)
                     for c in selection.skipped_in_use)
-    files = {relpath: item.file for relpath, item in by_relpath.items()}
     stale: Tuple[PlannedRemoval, ...] = ()
     if inv.partials:
         with cachefs.open_cache(inv.cache_dir, create=False) as cache:
             stale = _stale_partials(cache, inv.partials)
-    return _plan(inv.cache_dir, selection, files, skipped, stale, inv.skipped)
+    return _plan(inv.cache_dir, selection, skipped, stale, inv.skipped)
 
 
 def plan(cache_dir: str, rules: Rules, dataset: Optional[str] = None,
@@ -429,18 +428,16 @@ def plan(cache_dir: str, rules: Rules, dataset: Optional[str] = None,
         conn = index.conn
         dirs = diskindex.dir_totals(conn)
         held = _held_files(conn, live_holds(index.cache))
-        read: Dict[str, IndexedFile] = {}  # the files the selection read, to plan with
 
         def stream() -> Iterator[Candidate]:
-            for f in diskindex.by_last_use(conn):
-                read[f.relpath] = f
-                yield _candidate(f, f.relpath in held)
+            for relpath, size_bytes, last_use, access_count in diskindex.in_lru_order(conn):
+                yield Candidate(relpath, size_bytes, last_use, access_count, relpath in held)
 
         selection = select_in_lru_order(_lru_groups(stream(), now),
                                         sum(d.file_bytes for d in dirs), rules, now)
         stale = _stale_partials(index.cache, diskindex.partials(conn))
     skipped = tuple((c.relpath, held[c.relpath][1]) for c in selection.skipped_in_use)
-    return _plan(cache_dir, selection, read, skipped, stale,
+    return _plan(cache_dir, selection, skipped, stale,
                  tuple(sorted([s for d in dirs for s in d.skipped] + index.dropped)))
 
 
@@ -463,12 +460,11 @@ def _lru_groups(stream: Iterable[Candidate], now: float) -> Iterator[Candidate]:
 def _stale_partials(cache: CacheDir, partials: Iterable[IndexedFile]
                     ) -> Tuple[PlannedRemoval, ...]:
     """Partial downloads nobody is fetching now (their fetch lock is free)."""
-    return tuple(PlannedRemoval(p.relpath, p.size_bytes, None, None) for p in partials
+    return tuple(PlannedRemoval(p.relpath, p.size_bytes) for p in partials
                  if partial_is_stale(cache, p.relpath))
 
 
-def _plan(cache_dir: str, selection: Selection, files: Dict[str, IndexedFile], skipped,
-          stale: Tuple[PlannedRemoval, ...], skipped_entries) -> CleanPlan:
-    removals = tuple(PlannedRemoval(c.relpath, c.size_bytes, files[c.relpath].identifier,
-                                    files[c.relpath].uuid) for c in selection.remove)
+def _plan(cache_dir: str, selection: Selection, skipped, stale: Tuple[PlannedRemoval, ...],
+          skipped_entries) -> CleanPlan:
+    removals = tuple(PlannedRemoval(c.relpath, c.size_bytes) for c in selection.remove)
     return CleanPlan(cache_dir, removals, skipped, stale, tuple(skipped_entries))

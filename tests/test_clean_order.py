@@ -5,7 +5,7 @@ from dtool_cache_manager.executor import PlannedRemoval, regions_interleaved
 
 
 def _planned(n):
-    return [PlannedRemoval(f"http/u{k // 100:04d}/{k:06d}.dat", 1, f"{k:040x}", "u")
+    return [PlannedRemoval(f"http/u{k // 100:04d}/{k:06d}.dat", 1)
             for k in range(n)]
 
 

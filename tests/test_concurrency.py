@@ -1,6 +1,8 @@
 """Exact counts, crash-proof holds, safe removal and single-flight fetches, with real
 processes against a real HTTP broker on loopback."""
 
+import json
+import logging
 import os
 import random
 import signal
@@ -10,6 +12,8 @@ import sys
 import pytest
 
 import dtool_cache_manager as dcm
+from dtool_cache_manager import report
+from dtool_cache_manager.policies import Rules
 from support.datasets import file_md5_hex
 from support.procs import BARRIER, Children
 
@@ -193,3 +197,47 @@ print(ds.item_content_abspath(sys.argv[2]))
     with dcm.open_ledger(str(cache_dir)) as ledger:
         (row,) = ledger.items_for(ds.uri, ident)
     assert (row.misses, row.hits) == (1, 3)
+
+
+LEDGER_LOCKER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+def test_a_clean_goes_on_while_another_process_keeps_the_ledger_locked(
+        http_dataset, cache_dir, make_env, caplog):
+    """The ledger's side of a clean runs on a thread of its own: when it cannot write (here
+    another process holds the write lock), the files are removed all the same, the failure
+    is said once, and the next command drops the rows of what is gone."""
+    ds = http_dataset({f"f{i}.bin": bytes([i]) * 700 for i in range(6)})
+    code = ("import sys, dtoolcore\nds = dtoolcore.DataSet.from_uri(sys.argv[1])\n"
+            "print('\\n'.join(ds.item_content_abspath(i) for i in sorted(ds.identifiers)))")
+    paths = subprocess.run([sys.executable, "-c", code, ds.uri], env=make_env(cache_dir),
+                           check=True, capture_output=True, text=True).stdout.split()
+    plan = report.plan(str(cache_dir), Rules(remove_all=True))
+    assert len(plan.removals) == 6
+    with dcm.open_ledger(str(cache_dir)) as ledger:
+        locker = subprocess.Popen([sys.executable, "-c", LEDGER_LOCKER,
+                                   ledger.cache.ledger_path],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert locker.stdout.readline() == "locked\n"
+            ledger.conn.execute("PRAGMA busy_timeout = 0")  # fail at once, not in 30 s
+            with caplog.at_level(logging.WARNING):
+                result = plan.execute(ledger)
+        finally:
+            locker.stdin.close()
+            locker.wait(timeout=60)
+    assert sorted(o.relpath for o in result.removed) == sorted(r.relpath for r in plan.removals)
+    assert not any(os.path.exists(p) for p in paths)
+    said = [r for r in caplog.records if "could not update the ledger" in r.getMessage()]
+    assert len(said) == 1
+    summary = subprocess.run(["dtool-cache", "summary", "--json"], env=make_env(cache_dir),
+                             check=True, capture_output=True, text=True)
+    assert json.loads(summary.stdout)["num_items"] == 0
+    with dcm.open_ledger(str(cache_dir)) as ledger:
+        assert ledger.items() == []

@@ -127,7 +127,13 @@ def test_schema_v1_is_upgraded_in_place(tmp_path):
     assert not [n for n in os.listdir(meta) if "corrupt" in n]
 
 
-# What version 5 changed, to turn a ledger back into a version 4 one.
+# What version 8 changed, to turn a version 8 ledger into a version 7 one.
+TO_SCHEMA_V7 = """
+DROP INDEX files_by_last_use;
+CREATE INDEX files_by_last_use ON files (kind, last_use);
+UPDATE meta SET value = '7' WHERE key = 'schema_version';
+"""
+
 # What version 7 changed, to turn a version 7 ledger into a version 6 one.
 TO_SCHEMA_V6 = """
 UPDATE files SET kind = 0 WHERE kind = 2;
@@ -174,14 +180,17 @@ UPDATE meta SET value = '3' WHERE key = 'schema_version';
 """
 
 
-@pytest.mark.parametrize("downgrade", [
-    [TO_SCHEMA_V6], [TO_SCHEMA_V6, TO_SCHEMA_V5], [TO_SCHEMA_V6, TO_SCHEMA_V5, TO_SCHEMA_V4],
-    [TO_SCHEMA_V6, TO_SCHEMA_V5, TO_SCHEMA_V4, TO_SCHEMA_V3]], ids=["v6", "v5", "v4", "v3"])
+DOWNGRADES = [TO_SCHEMA_V7, TO_SCHEMA_V6, TO_SCHEMA_V5, TO_SCHEMA_V4, TO_SCHEMA_V3]
+
+
+@pytest.mark.parametrize("downgrade", [DOWNGRADES[:n] for n in range(1, 6)],
+                         ids=["v7", "v6", "v5", "v4", "v3"])
 def test_older_schema_is_upgraded_in_place(downgrade, filled, cache_dir, make_env):
     """Version 4 drops three indexes every removal paid for, version 5 stores items by path
     and counts their removal without a trigger, version 6 remembers each journal's inode,
-    version 7 tells untracked files from tracked ones in the index; the figures stay the
-    same, and the count of rows stays right through a clean."""
+    version 7 tells untracked files from tracked ones in the index, version 8 plans a clean
+    from the index alone; the figures stay the same, and the count of rows stays right
+    through a clean."""
     env = make_env(cache_dir)
 
     def report():
@@ -205,6 +214,7 @@ def test_older_schema_is_upgraded_in_place(downgrade, filled, cache_dir, make_en
                             ).fetchone() == (str(SCHEMA_VERSION),)
         assert conn.execute("SELECT max(last_access) FROM dirs").fetchone()[0] is not None
     assert set(indexes) == {"items_by_dataset", "dirs_by_parent", "files_by_last_use"}
+    assert "size_bytes, access_count" in indexes["files_by_last_use"]
     assert set(triggers) == {"items_counted_in"}
     assert "WITHOUT ROWID" in tables["items"] and "WITHOUT ROWID" in tables["removals"]
     assert "ino" in tables["journals"]

@@ -58,6 +58,9 @@ def _reads_files(statement):
         " FROM files" in text or " FROM FILES" in text)
 
 
+LRU_ORDER = "SELECT relpath, size_bytes, last_use, access_count FROM files WHERE kind ="
+
+
 def _run(cache_dir, traced, command):
     report.summarize(str(cache_dir))  # index it first: the commands are timed warm
     traced.clear()
@@ -95,7 +98,9 @@ def test_every_query_of_files_uses_the_index_or_stops_early(tmp_path, traced, co
             scans = "SCAN files" in plan
             limited = " LIMIT " in query.upper()  # a walk by the key that stops early
             assert not scans or limited, f"{command}: {query}\n  -> {plan}"
-            if "count(" in query and "kind" in query:
+            if "count(" in query and "kind" in query or query.startswith(LRU_ORDER):
                 assert "COVERING INDEX files_by_last_use" in plan, f"{query}\n  -> {plan}"
+        if command.startswith("clean"):  # planned from the index alone
+            assert any(query.startswith(LRU_ORDER) for query in queries), queries
     finally:
         conn.close()
