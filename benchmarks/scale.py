@@ -176,12 +176,17 @@ def bare_unlink_seconds(twin_dir: str, relpaths: List[str]) -> float:
     return elapsed
 
 
+def command_env(cache_dir: str) -> Tuple[Dict[str, str], List[str]]:
+    """The environment and ``dtool-cache`` command line for the commands timed on a cache."""
+    env = dict(os.environ, DTOOL_CACHE_DIRECTORY=cache_dir)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # as installed: byte code cached after one run
+    return env, [os.path.join(BIN, "dtool-cache")]
+
+
 def run_tracked(n_items: int, n_dirs: int, repeat: int, clean_rounds: int,
                 workdir: str) -> Tuple[List[List[str]], Dict[str, bool]]:
     cache_dir = os.path.join(workdir, "cache")
-    env = dict(os.environ, DTOOL_CACHE_DIRECTORY=cache_dir)
-    env.pop("PYTHONDONTWRITEBYTECODE", None)  # as installed: byte code cached after one run
-    dtool_cache = [os.path.join(BIN, "dtool-cache")]
+    env, dtool_cache = command_env(cache_dir)
     print(f"building {n_items:,} items in {n_dirs} directories under {cache_dir} ...",
           flush=True)
     start = time.perf_counter()
@@ -308,9 +313,7 @@ def journal_accesses(cache_dir: str, items: List[BuiltItem], share: float, seed:
 def run_untracked(n_items: int, n_dirs: int, days: float, repeat: int,
                   workdir: str) -> Tuple[List[List[str]], Dict[str, bool]]:
     cache_dir = os.path.join(workdir, "untracked")
-    env = dict(os.environ, DTOOL_CACHE_DIRECTORY=cache_dir)
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    dtool_cache = [os.path.join(BIN, "dtool-cache")]
+    env, dtool_cache = command_env(cache_dir)
     print(f"building {n_items:,} untracked items in {n_dirs} directories, written over "
           f"{days:g} days, under {cache_dir} ...", flush=True)
     start = time.perf_counter()

@@ -99,6 +99,8 @@ class Dispatch:
                 index = [params.index(n) for n in names]
                 calls.append(functools.partial(_call_subset, impl.function, index))
         calls = tuple(calls)
+        if len(calls) == 1:  # ours alone, the usual case: no loop around it
+            return calls[0]
 
         def call(*args):
             for fn in calls:
