@@ -310,14 +310,17 @@ def _fetch_single_flight(access: Access, plan: ItemPlan, dataset, identifier: st
     """
     placement = access.placement
     assert placement.cache_dir is not None  # a plan exists only for a caching broker
+    have_lock = False
     try:
         cache = cachefs.handle_for(placement.cache_dir)
         fetch_lock = open_range_lock(cache, cachefs.FETCH_LOCK)
         locked = fetch_lock.locked(plan.relpath, exclusive=True, patience=FETCH_PATIENCE,
                                    progress=lambda: _partial_size(plan))
         locked.__enter__()
+        have_lock = True
     except Exception as exc:  # noqa: BLE001
         logger.debug("dtool-cache-manager: no fetch lock for %s (%r)", plan.abspath, exc)
+    if not have_lock:  # outside the except block: the broker's error is not chained to ours
         return _timed_miss(access, dataset, identifier, original)
     try:
         if _is_hit(access, plan):  # another process fetched it while we waited

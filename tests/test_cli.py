@@ -11,10 +11,12 @@ import subprocess
 import sys
 import time
 
+import dtoolcore
 import pytest
 
 import dtool_cache_manager as dcm
 from support import disk_files, subprocess_env
+from support.users import HoldingChild
 
 DAY = 86400
 
@@ -32,6 +34,32 @@ def fetch(uri, identifier, env):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
+
+
+def test_a_hold_on_the_http_copy_leaves_the_s3_copy_of_the_same_item_free(
+        http_dataset, s3_dataset, cache_dir, make_env):
+    """One dataset read over http and over s3 is two cached files.  Holds name the file, so
+    a process holding the http copy keeps that one alone: summary counts one item in use,
+    ``ls --in-use`` lists it alone, and ``clean --all`` removes the s3 copy."""
+    web = http_dataset({"a.txt": b"a" * 700})
+    bucket = s3_dataset({"other.txt": b"o"})  # sets up S3; web's dataset is copied beside it
+    s3_uri = dtoolcore.copy(web.local_uri, bucket.uri.rsplit("/", 1)[0])
+    env = make_env(cache_dir, bucket.env)
+    ident = web.identifiers["a.txt"]
+    s3_path = fetch(s3_uri, ident, env)
+    with HoldingChild(None, web.uri, [ident], env) as holder:
+        (http_path,) = holder.paths
+        assert http_path != s3_path and os.path.exists(s3_path)
+        summary = json.loads(dtool_cache("summary", "--json", env=env).stdout)
+        assert (summary["num_items"], summary["num_in_use"]) == (2, 1)
+        in_use = json.loads(dtool_cache("ls", "--in-use", "--json", env=env).stdout)
+        assert [os.path.join(cache_dir, r["path"]) for r in in_use] == [http_path]
+        cleaned = json.loads(dtool_cache("clean", "--all", "--yes", "--json", env=env).stdout)
+        assert [os.path.join(cache_dir, p) for p in cleaned["removed"]] == [s3_path]
+        assert [os.path.join(cache_dir, s["path"])
+                for s in cleaned["skipped_in_use"]] == [http_path]
+        holder.finish()
+    assert os.path.exists(http_path) and not os.path.exists(s3_path)
 
 
 def test_scripted_session_figures(http_dataset, s3_dataset, cache_dir, make_env):
@@ -89,8 +117,6 @@ RULE_ITEMS = 50
 @pytest.fixture(scope="module")
 def fifty_item_cache(http_server, tmp_path_factory):
     """50 real cached items; last use i days ago and (i % 7) + 1 accesses for item i."""
-    import dtoolcore
-
     from support.datasets import make_local_dataset
 
     items = {f"item{i:02d}.dat": os.urandom(1000 + 37 * i) for i in range(RULE_ITEMS)}

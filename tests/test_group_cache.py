@@ -332,3 +332,19 @@ def test_reader_outside_the_group_reads_and_reports(http_dataset, users, cache):
     # Her reads were not recorded (she cannot write), everyone else's were.
     assert dcm.num_times_accessed(ds.uri, ia, cache_dir=cache) == 2
     assert dcm.num_times_accessed(ds.uri, ib, cache_dir=cache) == 1
+
+
+def test_a_miss_the_reader_may_not_write_fails_with_the_brokers_error_alone(http_dataset,
+                                                                            users, cache):
+    """erin may not write the cache, so the broker cannot store what she misses: she gets the
+    broker's own error as upstream raises it, not chained to one of ours (no "During
+    handling of the above exception"), and her use is not recorded."""
+    erin = users["erin"]
+    ds = http_dataset({"c.txt": b"c" * 500})
+    env = subprocess_env(cache)
+    result = python_access(erin, ds.uri, [ds.identifiers["c.txt"]], env)
+    assert result.returncode != 0
+    assert result.stderr.splitlines()[-1].startswith("PermissionError"), result.stderr
+    assert "During handling of the above exception" not in result.stderr, result.stderr
+    assert "fetch.lock" not in result.stderr, result.stderr
+    assert cache_files(cache) == {}
