@@ -75,7 +75,7 @@ def cache():
     """
 
 
-@cache.command()
+@cache.command(short_help="How much space the cache uses and what is in it.")
 @cache_dir_option
 @json_option
 @click.option("--rescan", is_flag=True,
@@ -109,7 +109,7 @@ def ls(cache_dir, as_json, dataset, sort, limit, in_use, untracked):
     click.echo(formatting.render_items(items, as_json))
 
 
-@cache.command()
+@cache.command(short_help="Remove items by age, size or use; never those in use.")
 @cache_dir_option
 @json_option
 @dataset_option
@@ -196,7 +196,7 @@ def _audit_rows(directory, by, since_time):
         return audit_mod.audit(ledger, by, since_time)
 
 
-@cache.command(name="verify")
+@cache.command(name="verify", short_help="Check cached files against their manifests.")
 @cache_dir_option
 @json_option
 @click.option("--hash", "check_hash", is_flag=True,
@@ -234,14 +234,15 @@ def config_command(as_json, key, value, unset):
     """Show or set the limits of automatic housekeeping.
 
     \b
-    dtool cache config                                  every setting and its source
-    dtool cache config DTOOL_CACHE_MAX_SIZE             one value
-    dtool cache config DTOOL_CACHE_MAX_SIZE 50GB        write it to dtool's config file
-    dtool cache config DTOOL_CACHE_MAX_SIZE --unset     remove it from there
+    dtool cache config                              every setting, its source
+    dtool cache config DTOOL_CACHE_MAX_SIZE         one value
+    dtool cache config DTOOL_CACHE_MAX_SIZE 50GB    write it to dtool's config
+    dtool cache config DTOOL_CACHE_MAX_SIZE --unset remove it from there
 
     KEY is DTOOL_CACHE_MAX_SIZE (a size), DTOOL_CACHE_MAX_AGE or
     DTOOL_CACHE_AUTOCLEAN_INTERVAL (ages; the interval defaults to 1h).  An environment
-    variable of the same name takes precedence over the file.
+    variable of the same name takes precedence over the file.  Where the cache is is set
+    by 'dtool config cache' (dtool's own command), not here.
     """
     path = settings_mod.config_path()
     try:

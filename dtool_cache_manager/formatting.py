@@ -154,10 +154,16 @@ def housekeeping_lines(status: AutocleanStatus) -> list:
     return lines
 
 
+# Why an automatic clean ran, in words (the log's ``trigger``, see docs/housekeeping.rst).
+TRIGGER_TEXT = {"size": "over the size limit", "age": "a maximum age is set",
+                "unmeasured": "the size was not known yet",
+                "stale": "the size was last measured over a day ago", "manual": "run by hand"}
+
+
 def describe_run(last: Optional[RunRecord]) -> str:
     if last is None:
         return "never"
-    when = f"{ago(last.end)} ({show(last.trigger)})"
+    when = f"{ago(last.end)} ({TRIGGER_TEXT.get(last.trigger) or show(last.trigger)})"
     if last.error:
         return f"{when}: failed: {show(last.error)}"
     after = "" if last.size_after_bytes is None else f"; {size(last.size_after_bytes)} after"

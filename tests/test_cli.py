@@ -404,3 +404,15 @@ def test_verify_reports_and_fixes_damage(http_dataset, cache_dir, make_env):
     assert not os.path.exists(bad) and os.path.exists(good)
     assert fetch(ds.uri, ds.identifiers["b.bin"], env) == bad  # fetched again, intact
     assert open(bad, "rb").read() == b"b" * 1000
+
+
+@pytest.mark.parametrize("command", ["", "summary", "ls", "clean", "audit", "verify",
+                                     "config", "autoclean"])
+def test_help_fits_80_columns_and_cuts_no_sentence(command, tmp_path):
+    env = dict(subprocess_env(tmp_path), COLUMNS="80")
+    shown = subprocess.run(["dtool", "cache", *command.split(), "-h"], env=env, check=True,
+                           capture_output=True, text=True, timeout=60).stdout
+    lines = shown.splitlines()
+    assert max(map(len, lines)) <= 80, shown
+    cut = [line for line in lines[1:] if line.rstrip().endswith("...")]  # not the usage line
+    assert not cut, shown

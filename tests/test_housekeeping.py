@@ -212,7 +212,7 @@ def test_over_the_limit_a_background_clean_keeps_held_items(http_dataset, cache_
     assert summary["last_run"]["size_after_bytes"] == 40 * KB
     text = dtool_cache("summary", env=env).stdout
     assert "Limits:          max size 50KB (env); checked at most every 0s (env)" in text
-    assert "(size): removed 2 files, freed 19.53 KiB; 39.06 KiB after" in text
+    assert "(over the size limit): removed 2 files, freed 19.53 KiB; 39.06 KiB after" in text
 
 
 def test_no_second_run_within_the_interval(http_dataset, cache_dir, hk_env):
