@@ -7,6 +7,7 @@ and nothing is deleted.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -25,13 +26,30 @@ from .privileges import work_as_cache_owner
 _CONTEXT = dict(help_option_names=["-h", "--help"])
 DEFAULT_AGE = "30d"
 PROGRESS_THRESHOLD = 200  # removals before a progress bar is worth showing
+FORMATS = ("table", "json")
 
 cache_dir_option = click.option(
     "--cache-dir", default=None, metavar="DIR",
     help="Cache directory (default: DTOOL_CACHE_DIRECTORY, then dtool.json, then "
          "~/.cache/dtool).")
-json_option = click.option("--json", "as_json", is_flag=True,
-                           help="Print machine-readable JSON (stable keys).")
+
+
+def json_option(command):
+    """``-f/--format table|json``, as dtool's own commands take it, and ``--json`` (the
+    same as ``--format json``); the command gets ``as_json``."""
+    @functools.wraps(command)
+    def with_format(*args, output_format=None, as_json=False, **kwargs):
+        if as_json and output_format == "table":
+            raise BadInput("--json and --format table contradict each other")
+        return command(*args, as_json=as_json or output_format == "json", **kwargs)
+
+    with_json = click.option("--json", "as_json", is_flag=True,
+                             help="Print machine-readable JSON (stable keys); the same as "
+                                  "--format json.")(with_format)
+    return click.option("-f", "--format", "output_format", type=click.Choice(FORMATS),
+                        help="Output format (default: table).")(with_json)
+
+
 dataset_option = click.option("--dataset", metavar="URI-OR-UUID",
                               help="Only this dataset's items.")
 

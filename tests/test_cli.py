@@ -416,3 +416,27 @@ def test_help_fits_80_columns_and_cuts_no_sentence(command, tmp_path):
     assert max(map(len, lines)) <= 80, shown
     cut = [line for line in lines[1:] if line.rstrip().endswith("...")]  # not the usage line
     assert not cut, shown
+
+
+@pytest.mark.parametrize("command", ["summary", "ls", "audit", "config", "clean --dry-run"])
+def test_format_json_is_json_and_contradictions_are_refused(command, http_dataset, cache_dir,
+                                                            make_env):
+    """dtool's own commands take ``-f/--format json``; ``--json`` stays as its alias."""
+    ds = http_dataset({"a.txt": b"a" * 300})
+    env = make_env(cache_dir)
+    fetch(ds.uri, ds.identifiers["a.txt"], env)
+    args = command.split()
+    shown = [json.loads(dtool_cache(*args, *how, env=env).stdout)
+             for how in (["--json"], ["-f", "json"], ["--format", "json"])]
+    assert shown[0] == shown[1] == shown[2]
+    table = dtool_cache(*args, "--format", "table", env=env).stdout
+    default = dtool_cache(*args, env=env).stdout  # ages (and widths) move between runs
+
+    def words(text):
+        return text.splitlines()[1].replace("|", " ").split()
+
+    assert words(table) == words(default) and not table.startswith(("{", "["))
+    refused = dtool_cache(*args, "--json", "-f", "table", env=env, check=False)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.splitlines() == ["Error: --json and --format table contradict "
+                                           "each other"]
