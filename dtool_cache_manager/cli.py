@@ -259,8 +259,8 @@ def config_command(as_json, key, value, unset):
 
     KEY is DTOOL_CACHE_MAX_SIZE (a size), DTOOL_CACHE_MAX_AGE or
     DTOOL_CACHE_AUTOCLEAN_INTERVAL (ages; the interval defaults to 1h).  An environment
-    variable of the same name takes precedence over the file.  Where the cache is is set
-    by 'dtool config cache' (dtool's own command), not here.
+    variable of the same name takes precedence over the file.  The cache's location is
+    set by 'dtool config cache' (dtool's own command), not here.
     """
     path = settings_mod.config_path()
     try:
