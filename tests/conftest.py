@@ -154,9 +154,15 @@ REQUIRE_ALL_ENV = "DCM_REQUIRE_ALL_TESTS"
 
 
 def pytest_sessionfinish(session, exitstatus):
+    from support.users import remove_created
+
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    for failure in remove_created():  # the accounts this run made, and only those
+        if reporter is not None:
+            reporter.write_line(f"could not remove a test account: {failure}", red=True)
+        session.exitstatus = 1
     if os.environ.get(REQUIRE_ALL_ENV, "").strip() in ("", "0"):
         return
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     skipped = reporter.stats.get("skipped", []) if reporter is not None else []
     if skipped:
         reporter.write_line(f"{REQUIRE_ALL_ENV} is set, yet {len(skipped)} tests were "

@@ -2,7 +2,9 @@
 
 The tests run as root (as CI does), create the accounts idempotently with ``groupadd`` and
 ``useradd``, and run children as those users through a ``preexec_fn`` that drops to them
-(supplementary groups, gid, uid) and sets a umask, as a login shell would.
+(supplementary groups, gid, uid) and sets a umask, as a login shell would.  What a run
+created it removes at its end (:func:`remove_created`); accounts that were there before
+are left alone.
 """
 
 import grp
@@ -56,8 +58,26 @@ class User:
         return env
 
 
+_CREATED_USERS: list = []  # in the order made; removed in reverse, then the groups
+_CREATED_GROUPS: list = []
+
+
 def _run(*argv):
     subprocess.run(argv, check=True, capture_output=True, text=True)
+
+
+def remove_created() -> list:
+    """Remove the users, then the groups, this run created; returns what could not be
+    removed (with why), for the session to report."""
+    failed = []
+    for command, names in (("userdel", _CREATED_USERS), ("groupdel", _CREATED_GROUPS)):
+        while names:
+            name = names.pop()
+            try:
+                _run(command, name)
+            except subprocess.CalledProcessError as exc:
+                failed.append(f"{command} {name}: {exc.stderr.strip()}")
+    return failed
 
 
 def ensure_group(name: str = GROUP) -> int:
@@ -67,6 +87,7 @@ def ensure_group(name: str = GROUP) -> int:
         pass
     try:
         _run("groupadd", name)
+        _CREATED_GROUPS.append(name)
     except subprocess.CalledProcessError:
         pass  # created concurrently by another test process: look it up again
     return grp.getgrnam(name).gr_gid
@@ -79,6 +100,7 @@ def ensure_user(name: str, group: str) -> pwd.struct_passwd:
         pass
     try:
         _run("useradd", "-M", "-N", "-g", group, "-s", "/usr/sbin/nologin", name)
+        _CREATED_USERS.append(name)
     except subprocess.CalledProcessError:
         pass
     return pwd.getpwnam(name)
