@@ -70,9 +70,14 @@ def remove_created() -> list:
     """Remove the users, then the groups, this run created; returns what could not be
     removed (with why), for the session to report."""
     failed = []
-    for command, names in (("userdel", _CREATED_USERS), ("groupdel", _CREATED_GROUPS)):
+    for command, names, lookup in (("userdel", _CREATED_USERS, pwd.getpwnam),
+                                   ("groupdel", _CREATED_GROUPS, grp.getgrnam)):
         while names:
             name = names.pop()
+            try:
+                lookup(name)
+            except KeyError:  # gone already: userdel removes a user's own group with it
+                continue
             try:
                 _run(command, name)
             except subprocess.CalledProcessError as exc:
