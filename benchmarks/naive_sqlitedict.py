@@ -1,6 +1,6 @@
 """The naive tracking design, kept only as a benchmark baseline.
 
-This is the design from the original spec: per-item counters in a
+This is the design from the dtool cache manager specification: per-item counters in a
 sqlitedict, every update a read-modify-write under a file lock, once before
 the access (lock counter + 1) and once after it (count + 1, last access
 time, lock counter - 1).  It is correct but costs two locked, committed

@@ -1,6 +1,6 @@
 """dtool-cache-manager: usage tracking, in-use holds and safe cleaning for the dtool cache.
 
-The spec's API is importable from here; it loads lazily, so that the ``dtool --version``
+The specification's API is importable from here; it loads lazily, so that the ``dtool --version``
 scan of plugins and the activation entry point stay cheap.
 """
 

@@ -1,4 +1,4 @@
-"""The Python API of the user's spec.
+"""The Python API of the dtool cache manager specification.
 
 Every function takes ``cache_dir=None``, meaning dtool's configured cache, and the dataset
 ``uri`` as the user gave it (normalised with ``dtoolcore.utils.sanitise_uri``).  Readers fold
@@ -14,12 +14,12 @@ import os
 import sqlite3
 import time
 from contextlib import contextmanager
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 from . import cachefs, diskindex, executor
 from .holds import live_holds
 from .layout import resolve_cache_dir, sanitise_uri
-from .ledger import ItemRow, Ledger, LedgerError, UnsafeLedger, is_corruption, move_aside
+from .ledger import Ledger, LedgerError, UnsafeLedger, is_corruption, move_aside
 
 logger = logging.getLogger(__name__)
 
@@ -95,24 +95,28 @@ def _check_item(uri: str, identifier: str) -> str:
     return sanitise_uri(uri)
 
 
-def _rows(uri: str, identifier: str, cache_dir: Optional[str]) -> List[ItemRow]:
+def _history(uri: str, identifier: str, cache_dir: Optional[str]) -> Tuple[int, Optional[float]]:
     uri = _check_item(uri, identifier)
     with open_ledger(cache_dir) as ledger:
-        return ledger.items_for(uri, identifier)
+        return ledger.history_of(uri, identifier)
 
 
 def num_times_accessed(uri: str, identifier: str, cache_dir: Optional[str] = None) -> int:
-    """How many times the item was accessed through the cache (hits + misses); 0 if never."""
-    return sum(r.access_count for r in _rows(uri, identifier, cache_dir))
+    """How many times the item was accessed through the cache (hits + misses); 0 if never.
+
+    All recorded history, as ``dtool cache audit --by item`` counts it: accesses of copies
+    since removed count too.  (``dtool cache ls`` shows the uses of the copy now cached.)"""
+    return _history(uri, identifier, cache_dir)[0]
 
 
 def last_time_accessed(uri: str, identifier: str,
                        cache_dir: Optional[str] = None) -> Optional[_dt.datetime]:
-    """When the item was last accessed (UTC, timezone-aware), or None if never."""
-    times = [r.last_access for r in _rows(uri, identifier, cache_dir) if r.last_access]
-    if not times:
+    """When the item was last accessed (UTC, timezone-aware), or None if never: exact while
+    it is cached; once removed, to the hour (usage history is kept per hour)."""
+    last = _history(uri, identifier, cache_dir)[1]
+    if last is None:
         return None
-    return _dt.datetime.fromtimestamp(max(times), tz=_dt.timezone.utc)
+    return _dt.datetime.fromtimestamp(last, tz=_dt.timezone.utc)
 
 
 def num_days_since_last_accessed(uri: str, identifier: str,

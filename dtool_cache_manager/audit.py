@@ -10,7 +10,7 @@ began) fall back to their broker scheme's observed throughput and are marked est
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, Optional, Set, Tuple
 
 from .ledger import Ledger, from_db
 
@@ -21,7 +21,7 @@ GROUPINGS = ("user", "dataset", "item")
 class AuditRow:
     """One user, dataset or item's use of the cache."""
 
-    key: str  # user@host, dataset (uri, or uuid if no uri), or item relpath
+    key: str  # user@host, dataset UUID, or the cached file's path in the cache
     accesses: int
     hits: int
     misses: int
@@ -29,6 +29,8 @@ class AuditRow:
     bytes_served_from_cache: int  # sum of hit bytes
     estimated_seconds_saved: float
     estimated: bool  # True if any part used the scheme-throughput fallback
+    uris: Tuple[str, ...] = ()  # of a dataset or an item: every URI it was read through
+    item_relpath: Optional[str] = None  # of an item: its name in its dataset, if known
 
 
 def audit(ledger: Ledger, by: str, since: Optional[float] = None) -> Tuple[AuditRow, ...]:
@@ -44,6 +46,7 @@ def audit(ledger: Ledger, by: str, since: Optional[float] = None) -> Tuple[Audit
     scheme_of = _schemes(ledger)
     per_byte = _seconds_per_byte(ledger, scheme_of)
     totals: Dict[str, list] = {}
+    uris: Dict[str, Set[str]] = {}
     for relpath, user, uri, uuid, hits, misses, hit_bytes in _window(ledger, since):
         relpath = from_db(relpath)
         if hits and relpath in per_fetch:
@@ -53,14 +56,19 @@ def audit(ledger: Ledger, by: str, since: Optional[float] = None) -> Tuple[Audit
             saved, estimated = (hit_bytes * rate if rate is not None else 0.0), True
         else:
             saved, estimated = 0.0, False
-        key = {"user": user, "dataset": uri or uuid, "item": relpath}[by]
+        key = {"user": user, "dataset": uuid or uri, "item": relpath}[by]
+        if by != "user" and uri:
+            uris.setdefault(key, set()).add(uri)
         acc = totals.setdefault(key, [0, 0, 0, 0.0, False])
         acc[0] += hits
         acc[1] += misses
         acc[2] += hit_bytes
         acc[3] += saved
         acc[4] = acc[4] or estimated
-    rows = (_row(key, *acc) for key, acc in totals.items())
+    names = ledger.names_of(sorted(totals)) if by == "item" else {}
+    rows = (_row(key, hits, misses, hit_bytes, saved, estimated,
+                 tuple(sorted(uris.get(key, ()))), names.get(key, (None, None))[1])
+            for key, (hits, misses, hit_bytes, saved, estimated) in totals.items())
     return tuple(sorted(rows, key=lambda r: (-r.estimated_seconds_saved, r.key)))
 
 
@@ -73,10 +81,11 @@ def totals(rows: Iterable[AuditRow]) -> AuditRow:
 
 
 def _row(key: str, hits: int, misses: int, hit_bytes: int, saved: float,
-         estimated: bool) -> AuditRow:
+         estimated: bool, uris: Tuple[str, ...] = (), item_relpath: Optional[str] = None
+         ) -> AuditRow:
     accesses = hits + misses
     return AuditRow(key, accesses, hits, misses, hits / accesses if accesses else 0.0,
-                    hit_bytes, saved, estimated)
+                    hit_bytes, saved, estimated, uris, item_relpath)
 
 
 def _window(ledger: Ledger, since: Optional[float]):

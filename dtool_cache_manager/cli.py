@@ -144,9 +144,12 @@ def ls(cache_dir, as_json, dataset, sort, limit, in_use, untracked):
               help="Which items --retain-size removes first: least recently used, least "
                    "frequently used, or cheapest to fetch again per byte (cost).")
 @click.option("--dry-run", is_flag=True, help="Show what would be removed; remove nothing.")
+@click.option("--list", "list_all", is_flag=True,
+              help=f"Show every file of the plan (beyond {formatting.LISTED_AT_MOST} files it "
+                   "is shown per dataset).")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 def clean(cache_dir, as_json, dataset, remove_all, older_than, retain_size,
-          exclude_frequently_accessed, policy, dry_run, yes):
+          exclude_frequently_accessed, policy, dry_run, list_all, yes):
     """Remove cached items by age, size and frequency; never what is in use.
 
     With no rule, removes items not used in the past month (--older-than 30d).  Filters
@@ -174,16 +177,20 @@ def clean(cache_dir, as_json, dataset, remove_all, older_than, retain_size,
         raise BadInput("refusing to remove files without confirmation: pass --yes "
                        "(or --dry-run to see the plan)")
     plan = _guarded(report.plan, directory, rules, dataset, time.time())
+    shown = dry_run or not yes
+    naming = _guarded(report.naming, directory, [p.relpath for p in plan.removals]) \
+        if plan.removals and (shown or as_json) else None
     if dry_run:
-        click.echo(formatting.render_clean_plan(plan, note, as_json))
+        click.echo(formatting.render_clean_plan(plan, note, as_json, naming, list_all))
         return
     if not yes:
-        click.echo(formatting.render_clean_plan(plan, note, as_json=False))
+        click.echo(formatting.render_clean_plan(plan, note, False, naming, list_all))
         if not (plan.removals or plan.stale_partials):
             return
         click.confirm("Proceed?", default=False, abort=True)
     result = _guarded(_execute, plan, directory, not as_json)
-    click.echo(formatting.render_clean_result(plan, result, note if yes else None, as_json))
+    click.echo(formatting.render_clean_result(plan, result, note if yes else None, as_json,
+                                              naming))
 
 
 def _execute(plan, directory, show_progress: bool):

@@ -5,16 +5,18 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import shutil
+import sys
 import time
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import humanfriendly
-from humanfriendly.tables import format_pretty_table
+from humanfriendly.tables import format_pretty_table, format_robust_table
 
 from .audit import AuditRow
 from .executor import CleanPlan, CleanResult
 from .housekeeping import AutocleanStatus, RunRecord
-from .report import ItemView, Summary
+from .report import ItemView, Naming, Summary
 from .settings import MAX_SIZE, Setting
 
 if TYPE_CHECKING:
@@ -48,6 +50,60 @@ def show(path: str) -> str:
     text = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     # A newline in a file name must not fake a table row: escape control characters.
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+def fit_table(rows: List[List[str]], headers: List[str], shrink: Sequence[int] = (0,)) -> str:
+    """A table that fits the terminal it is printed on: the widest of the ``shrink``
+    columns (paths, URIs) lose their middle to an ellipsis until it fits, and a table that
+    still does not fit is printed a row at a time, one ``Column: value`` line per cell.
+    Piped output keeps every character, for scripts (which should use ``-f json``)."""
+    if sys.stdout.isatty():
+        width = shutil.get_terminal_size().columns
+        widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+        excess = sum(widths) + 3 * len(widths) + 1 - width
+        fitted = list(rows)
+        while excess > 0:
+            column = max(shrink, key=lambda i: widths[i])
+            narrower = max(len(headers[column]), 10, widths[column] - excess)
+            if narrower >= widths[column]:  # as narrow as is still readable: a row at a time
+                return format_robust_table(
+                    [[_middle_cut(cell, width - len(headers[i]) - 2) for i, cell in enumerate(r)]
+                     for r in rows], headers)
+            excess -= widths[column] - narrower
+            widths[column] = narrower
+            fitted = [r[:column] + [_middle_cut(r[column], narrower)] + r[column + 1:]
+                      for r in fitted]
+        rows = fitted
+    return format_pretty_table(rows, headers)
+
+
+def _middle_cut(text: str, width: int) -> str:
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return text[:head] + "…" + text[len(text) - (width - 1 - head):]
+
+
+def dataset_rows(label: str, uris: Sequence[str], cells: List[str]) -> List[List[str]]:
+    """A dataset as every table shows it: its first URI (else its UUID or directory) with
+    the figures, then one row per further URI it was read through."""
+    first = [show(uris[0] if uris else label)] + cells
+    return [first] + [[f"  + {show(uri)}"] + [""] * len(cells) for uri in uris[1:]]
+
+
+DATASET_RULE = ("Datasets are grouped by UUID, with every URI their files were read through;\n"
+                "untracked files go with the dataset of the files beside them.")
+
+
+def _listed(label: str, parts: Sequence[str], width: int = 80) -> str:
+    """``label`` and ``parts`` joined by commas, wrapped between parts to ``width``."""
+    lines = [label]
+    for i, part in enumerate(parts):
+        part += "," if i < len(parts) - 1 else ""
+        if len(lines[-1]) > len(label) and len(lines[-1]) + 1 + len(part) > width:
+            lines.append(" " * len(label))
+        lines[-1] += ("" if lines[-1].isspace() or lines[-1] == label else " ") + part
+    return "\n".join(lines)
 
 
 def _dumps(data) -> str:
@@ -93,8 +149,8 @@ def render_summary(summary: Summary, as_json: bool,
         f"{size(summary.untracked_size_bytes)} (on disk, never seen by a hook)",
         f"Partial:         {plural(summary.num_partial, 'leftover download')} ('*.tmp'), "
         f"{size(summary.partial_size_bytes)}",
-        "Last used:       " + ", ".join(f"{k}: {v}" for k, v in
-                                        summary.age_distribution.items()),
+        _listed("Last used:       ", [f"{k}: {v}" for k, v in
+                                      summary.age_distribution.items()]),
     ]
     if summary.lost_records:
         lines.append(f"Not recorded:    {plural(summary.lost_records, 'access')} "
@@ -102,9 +158,9 @@ def render_summary(summary: Summary, as_json: bool,
     if housekeeping is not None:
         lines += housekeeping_lines(housekeeping)
     if summary.datasets:
-        rows = [[show(d.uris[0] if d.uris else d.key), str(d.num_items), size(d.size_bytes),
-                 ago(d.last_access)] for d in summary.datasets]
-        lines += ["", format_pretty_table(rows, ["Dataset", "Items", "Size", "Last access"])]
+        rows = [row for d in summary.datasets for row in dataset_rows(
+            d.key, d.uris, [str(d.num_items), size(d.size_bytes), ago(d.last_access)])]
+        lines += ["", fit_table(rows, ["Dataset", "Items", "Size", "Last access"]), DATASET_RULE]
     return "\n".join(lines)
 
 
@@ -254,6 +310,8 @@ def item_json(item: ItemView) -> dict:
         "uris": list(item.uris),
         "uuid": item.uuid,
         "identifier": item.identifier,
+        "item_relpath": item.item_relpath,
+        "dataset": item.dataset_key,
         "path": item.relpath,
         "size_bytes": item.size_bytes,
         "access_count": item.access_count,
@@ -272,20 +330,35 @@ def render_items(items: Sequence[ItemView], as_json: bool) -> str:
         return _dumps([item_json(i) for i in items])
     if not items:
         return "No cached items."
-    rows = [[show(i.relpath), size(i.size_bytes), str(i.access_count) if i.row else "0",
-             ago(i.last_access) if i.row else "untracked",
-             _holders_text(i.holders) or "-"] for i in items]
-    return format_pretty_table(rows, ["Path", "Size", "Uses", "Last access", "In use by"])
+    rows = [[show(i.item_relpath) if i.item_relpath else "-", show(i.relpath),
+             size(i.size_bytes), str(i.access_count), ago(i.last_access) if i.row
+             else "untracked", _holders_text(i.holders) or "-"] for i in items]
+    return fit_table(rows, ["Item", "Cached file", "Size", "Uses", "Last access", "In use by"],
+                 shrink=(0, 1, 5))
 
 
 # -- clean -----------------------------------------------------------------------------
 
 
-def render_clean_plan(plan: CleanPlan, note: Optional[str], as_json: bool) -> str:
+LISTED_AT_MOST = 20  # files a plan lists one by one without --list; beyond, per dataset
+
+
+def _files_json(files: Sequence[Tuple[str, int]], naming: Optional[Naming]) -> list:
+    """(path, bytes) pairs with the item's name and dataset beside each path."""
+    known = naming.files if naming else {}
+    return [{"path": relpath, "item_relpath": known.get(relpath, (None, None))[1],
+             "dataset": known.get(relpath, (None, None))[0], "size_bytes": nbytes}
+            for relpath, nbytes in files]
+
+
+def render_clean_plan(plan: CleanPlan, note: Optional[str], as_json: bool,
+                      naming: Optional[Naming] = None, list_all: bool = False) -> str:
+    """The plan, its totals last: right above the prompt of an interactive clean."""
     planned = plan.removals + plan.stale_partials
     if as_json:
         return _dumps({
             "removed": [p.relpath for p in planned],
+            "items": _files_json([(p.relpath, p.size_bytes) for p in planned], naming),
             "freed_bytes": plan.expected_freed_bytes,
             "skipped_in_use": [{"path": r, "holders": _holder_list(h)}
                                for r, h in plan.skipped_in_use],
@@ -293,26 +366,66 @@ def render_clean_plan(plan: CleanPlan, note: Optional[str], as_json: bool) -> st
             "dry_run": True,
         })
     lines = [note] if note else []
+    if planned:
+        lines += _planned_lines(plan, naming, list_all)
+    kept = [f"Keeping {show(r)} (in use by {_holders_text(h)})"
+            for r, h in plan.skipped_in_use]
+    skipped = [f"Skipping {show(r)}: {why}" for r, why in plan.skipped_entries]
+    for more in (kept, skipped):
+        if len(more) > LISTED_AT_MOST and not list_all:
+            more[LISTED_AT_MOST:] = [f"... and {len(more) - LISTED_AT_MOST} more "
+                                     "(--list shows them all)"]
+        lines += more
     if not planned:
         lines.append("Nothing to remove.")
     else:
         lines.append(f"Would remove {plural(len(planned), 'file')}, freeing "
-                     f"{size(plan.expected_freed_bytes)}:")
-        lines += [f"  {show(p.relpath)}  ({size(p.size_bytes)})" for p in planned]
-    lines += [f"Keeping {show(r)} (in use by {_holders_text(h)})"
-              for r, h in plan.skipped_in_use]
-    lines += [f"Skipping {show(r)}: {why}" for r, why in plan.skipped_entries]
+                     f"{size(plan.expected_freed_bytes)}.")
     return "\n".join(lines)
 
 
+def _planned_lines(plan: CleanPlan, naming: Optional[Naming], list_all: bool) -> List[str]:
+    """Each file to remove (its item's name beside its cache path), under its dataset; a
+    line per dataset when there are more than :data:`LISTED_AT_MOST` files."""
+    files = naming.files if naming else {}
+    uris = naming.uris if naming else {}
+    groups: Dict[str, List[Tuple[str, int]]] = {}
+    for p in plan.removals:
+        groups.setdefault(files.get(p.relpath, (p.relpath, None))[0], []).append(
+            (p.relpath, p.size_bytes))
+    planned = len(plan.removals) + len(plan.stale_partials)
+    one_by_one = list_all or planned <= LISTED_AT_MOST
+    lines = [] if one_by_one else ["Planned, by dataset (--list shows every file):"]
+    for key, members in sorted(groups.items(), key=lambda kv: -sum(n for _, n in kv[1])):
+        label = " + ".join(show(u) for u in uris.get(key, ())) or show(key)
+        total = f"{plural(len(members), 'file')}, {size(sum(n for _, n in members))}"
+        lines.append(f"{label}: {total}" if one_by_one else f"  {label}: {total}")
+        if one_by_one:
+            for relpath, nbytes in members:
+                name = files.get(relpath, (None, None))[1]
+                lines.append(f"  {show(name) + '  ' if name else ''}{show(relpath)}  "
+                             f"({size(nbytes)})")
+    if plan.stale_partials:
+        total = (f"{plural(len(plan.stale_partials), 'file')}, "
+                 f"{size(sum(p.size_bytes for p in plan.stale_partials))}")
+        lines.append(f"Leftover partial downloads: {total}" if one_by_one
+                     else f"  leftover partial downloads: {total}")
+        if one_by_one:
+            lines += [f"  {show(p.relpath)}  ({size(p.size_bytes)})"
+                      for p in plan.stale_partials]
+    return lines
+
+
 def render_clean_result(plan: CleanPlan, result: CleanResult, note: Optional[str],
-                        as_json: bool) -> str:
+                        as_json: bool, naming: Optional[Naming] = None) -> str:
     in_use = [o for o in result.skipped if o.holders]
     other = [(o.relpath, o.reason) for o in result.skipped if not o.holders]
     other += list(plan.skipped_entries)
     if as_json:
         return _dumps({
             "removed": [o.relpath for o in result.removed],
+            "items": _files_json([(o.relpath, o.freed_bytes) for o in result.removed],
+                                 naming),
             "freed_bytes": result.freed_bytes,
             "skipped_in_use": [{"path": o.relpath, "holders": _holder_list(o.holders)}
                                for o in in_use],
@@ -337,18 +450,29 @@ def render_audit(rows: Sequence[AuditRow], total: AuditRow, by: str, as_json: bo
     if not rows:
         return "No recorded accesses."
 
-    def line(r: AuditRow) -> list:
+    def figures(r: AuditRow) -> List[str]:
         saved = humanfriendly.format_timespan(r.estimated_seconds_saved)
-        return [show(r.key), str(r.accesses), str(r.hits), str(r.misses), f"{r.hit_rate:.0%}",
+        return [str(r.accesses), str(r.hits), str(r.misses), f"{r.hit_rate:.0%}",
                 size(r.bytes_served_from_cache), ("~" if r.estimated else "") + saved]
 
-    table = format_pretty_table([line(r) for r in rows] + [line(total)],
-                                [by.capitalize(), "Accesses", "Hits", "Misses", "Hit rate",
-                                 "Served from cache", "Time saved"])
+    headers = ["Accesses", "Hits", "Misses", "Hit rate", "Served from cache", "Time saved"]
+    if by == "dataset":
+        lines = [line for r in rows for line in dataset_rows(r.key, r.uris, figures(r))]
+        lines.append(["TOTAL"] + figures(total))
+        text = fit_table(lines, ["Dataset"] + headers) + "\n" + DATASET_RULE
+    elif by == "item":
+        lines = [[show(r.item_relpath) if r.item_relpath else "-", show(r.key)] + figures(r)
+                 for r in rows]
+        lines.append(["TOTAL", ""] + figures(total))
+        text = fit_table(lines, ["Item", "Cached file"] + headers, shrink=(0, 1))
+        text += "\nItem: its name in its dataset ('-' once removed; its accesses stay)."
+    else:
+        lines = [[show(r.key)] + figures(r) for r in rows] + [["TOTAL"] + figures(total)]
+        text = fit_table(lines, [by.capitalize()] + headers)
     if any(r.estimated for r in rows):
-        table += ("\n~ estimated from the broker's observed throughput (no fetch of that "
-                  "item was timed)")
-    return table
+        text += ("\n~ estimated from the broker's observed throughput\n"
+                 "  (no fetch of that item was timed)")
+    return text
 
 
 # -- verify ----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""In-use holds: the spec's per-item lock counters, made crash-proof.
+"""In-use holds: the specification's per-item lock counters, made crash-proof.
 
 Each process that accesses items owns one holds file, ``holds/<token>``, and keeps an
 exclusive ``flock`` on it for its whole life.  It appends ``["+", path]`` when it starts

@@ -155,25 +155,43 @@ def _hooks():
 
 def _tracked_call(dataset, identifier: str, original) -> str:
     # The hot path, kept flat on purpose (docs/performance.rst): a warm hit costs one stat,
-    # the two hook dispatches and one journal line.  Every step of ours is guarded; only the
-    # broker's own exceptions reach the caller.
+    # the two hook dispatches and one journal line; a repeated warm hit with only our own
+    # hooks registered skips the dispatches (``Dispatch.warm_hits``).  Every step of ours is
+    # guarded; only the broker's own exceptions reach the caller.
     try:
         placement = dataset.__dict__.get(_PLACEMENT) or placement_of(dataset)
         plan = placement.plans.get(identifier) or _plan(placement, dataset, identifier)
-        access = Access(placement, identifier, plan)
         hooks = _dispatch or _hooks()
+        warm = hooks.warm_hits
+        state = None if warm is None or plan is None else warm[0](placement, plan,
+                                                                  placement.uri)
+        access = None if state is not None else Access(placement, identifier, plan)
     except Exception as exc:  # noqa: BLE001
         _warn(f"could not prepare tracking ({exc!r})")
-        access = None
+        state = access = None
+    if state is not None and plan is not None:
+        started = time.time()
+        abspath = original(dataset, identifier)
+        try:
+            if abspath == plan.abspath:
+                warm[1](state)
+                return abspath
+            # The broker surprised us: let the post hooks judge it, as on the general path.
+            access = Access(placement, identifier, plan)
+            access.state, access.started = state, started
+            access.size, access.mtime = state.size, state.mtime
+        except Exception as exc:  # noqa: BLE001
+            _warn(f"post hooks failed ({exc!r})")
+            return abspath
+        return _after_broker(access, plan, hooks, abspath)
     if access is None:  # outside the except block, so a broker error is not chained to ours
         return original(dataset, identifier)
 
-    uri = placement.uri
     previous = getattr(_local, "access", None)
     _local.access = access
     try:
         try:
-            hooks.pre(uri, identifier)
+            hooks.pre(placement.uri, identifier)
         except Exception as exc:  # noqa: BLE001 - each hook is guarded; this is pluggy itself
             _warn(f"pre hooks failed ({exc!r})")
         access.started = time.time()  # after the hold, which may have waited for a removal
@@ -181,15 +199,24 @@ def _tracked_call(dataset, identifier: str, original) -> str:
             abspath = original(dataset, identifier)
         else:
             abspath = _fetch_single_flight(access, plan, dataset, identifier, original)
-        try:
-            if plan is not None:
-                _observe(access, plan, abspath)
-            hooks.post(uri, identifier, abspath)
-        except Exception as exc:  # noqa: BLE001
-            _warn(f"post hooks failed ({exc!r})")
-        return abspath
+        return _after_broker(access, plan, hooks, abspath)
     finally:
         _local.access = previous
+
+
+def _after_broker(access: Access, plan: Optional[ItemPlan], hooks, abspath: str) -> str:
+    """Tell the post hooks (fail-open) what the broker returned, and return it."""
+    previous = getattr(_local, "access", None)
+    _local.access = access
+    try:
+        if plan is not None:
+            _observe(access, plan, abspath)
+        hooks.post(access.placement.uri, access.identifier, abspath)
+    except Exception as exc:  # noqa: BLE001
+        _warn(f"post hooks failed ({exc!r})")
+    finally:
+        _local.access = previous
+    return abspath
 
 
 # -- where will the broker put it? -----------------------------------------------------

@@ -24,7 +24,7 @@ from .layout import from_db, is_item_relpath, row_ok, to_db
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 CACHE_KIB = 262144  # page cache: a million-file index fits, so updates do not thrash
 # A removal is remembered this long, so that an access journalled before it and folded in
 # after it does not bring back the row (see _Batch); a later straggler is reconciled away.
@@ -78,7 +78,8 @@ def _rebuild(conn: sqlite3.Connection, table: str, definition: str) -> None:
 # scans the table once per directory; and keeps a digest of each directory's entries, so a
 # directory a clean changed is checked with one listing instead of rescanned.  Version 8
 # puts each file's size and access count in ``files_by_last_use``, so that a clean plans
-# from the index alone, without reading a row of the table per file it removes.
+# from the index alone, without reading a row of the table per file it removes.  Version 9
+# indexes ``usage`` by item, for an item's history (``num_times_accessed``) after removal.
 _MIGRATIONS = {
     1: ("ALTER TABLE items ADD COLUMN hash_function TEXT",
         "ALTER TABLE usage ADD COLUMN miss_bytes INTEGER NOT NULL DEFAULT 0"),
@@ -103,6 +104,7 @@ _MIGRATIONS = {
         lambda conn: _add_column(conn, "dirs", "digest INTEGER"),
         lambda conn: _add_column(conn, "journals", "hour INTEGER")),
     7: ("DROP INDEX IF EXISTS files_by_last_use",),  # made again with two more columns
+    8: (),  # usage_by_item: the schema's statements make it
 }
 
 _ITEMS_TABLE = """
@@ -147,6 +149,7 @@ CREATE TABLE IF NOT EXISTS usage (
     fetch_seconds REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (hour, relpath, user, uri)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS usage_by_item ON usage (identifier, uri);
 {_REMOVALS_TABLE.format(name="removals")};
 CREATE TABLE IF NOT EXISTS journals (token TEXT PRIMARY KEY, offset INTEGER NOT NULL,
                                      ino INTEGER, hour INTEGER);
@@ -800,6 +803,49 @@ class Ledger:
                   SELECT 1 FROM item_uris
                   WHERE item_uris.relpath = items.relpath AND item_uris.uri = ?)""",
             (identifier, uri))) if row is not None]
+
+    def names_of(self, relpaths: Sequence[str]) -> Dict[str, Tuple[str, Optional[str]]]:
+        """relpath -> (dataset UUID, the item's name in its dataset, if the manifest gave
+        one) for those of ``relpaths`` the ledger tracks; a statement per 500 paths."""
+        found: Dict[str, Tuple[str, Optional[str]]] = {}
+        for start in range(0, len(relpaths), 500):
+            chunk = [to_db(r) for r in relpaths[start:start + 500]]
+            for relpath, uuid, name in self.conn.execute(
+                    "SELECT relpath, uuid, item_relpath FROM items WHERE relpath IN "
+                    f"({','.join('?' * len(chunk))})", chunk):
+                if isinstance(uuid, str):
+                    found[from_db(relpath)] = (uuid, name if isinstance(name, str) else None)
+        return found
+
+    def datasets_of_dirs(self, dirs: Sequence[str]) -> Dict[str, str]:
+        """directory -> the dataset UUID of the tracked files in it, where there is one."""
+        found: Dict[str, str] = {}
+        for start in range(0, len(dirs), 500):
+            chunk = [to_db(d) for d in dirs[start:start + 500]]
+            for relpath, dataset in self.conn.execute(
+                    "SELECT relpath, dataset FROM dirs WHERE relpath IN "
+                    f"({','.join('?' * len(chunk))})", chunk):
+                if isinstance(dataset, str) and dataset != "*":
+                    found[from_db(relpath)] = dataset
+        return found
+
+    def uris_of_datasets(self) -> Dict[str, Tuple[str, ...]]:
+        """dataset UUID -> every URI its items were read through."""
+        return {k: tuple(v) for k, v in diskindex.uris_of_datasets(self.conn).items()}
+
+    def history_of(self, uri: str, identifier: str) -> Tuple[int, Optional[float]]:
+        """(accesses, last access) of (uri, identifier) over all its recorded history, the
+        files since removed included, as ``audit --by item`` counts them.  The last access
+        is exact while a file is cached; of removed files ``usage`` keeps the hour, so it is
+        the end of that hour, or the removal if that came first."""
+        count, removed_last = self.conn.execute(
+            """SELECT sum(u.hits + u.misses),
+                      max(min(u.hour * 3600 + 3600, coalesce(r.removed_at, 1e300)))
+               FROM usage AS u LEFT JOIN removals AS r ON r.relpath = u.relpath
+               WHERE u.identifier = ? AND u.uri = ?""", (identifier, uri)).fetchone()
+        cached = [r.last_access for r in self.items_for(uri, identifier) if r.last_access]
+        last = max(cached) if cached else removed_last
+        return int(count or 0), (float(last) if last is not None else None)
 
     def uris_of(self, relpath: str) -> List[str]:
         return [r[0] for r in self.conn.execute(

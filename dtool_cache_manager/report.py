@@ -85,9 +85,10 @@ class ItemView:
             return self.row.uuid
         return self.neighbour_uuid or os.path.dirname(self.file.relpath)
 
-    def matches_dataset(self, wanted: str) -> bool:
-        return wanted in (self.dataset_key, *self.uris) or (
-            self.row is None and wanted == os.path.basename(self.dataset_key))
+    @property
+    def item_relpath(self) -> Optional[str]:
+        """The item's name in its dataset (from the manifest), if the ledger knows it."""
+        return self.row.item_relpath if self.row else None
 
 
 @dataclass(frozen=True)
@@ -196,8 +197,13 @@ def inventory(cache_dir: str, dataset: Optional[str] = None) -> Inventory:
 
 def _only_dataset(items: Sequence[ItemView], dataset: str, cache_dir: str
                   ) -> Tuple[ItemView, ...]:
+    """One dataset's files, by the rule every listing groups by: its UUID.  A URI names
+    the dataset(s) read through it, so ``--dataset http://...`` also takes the files that
+    came through s3; a directory names its untracked files."""
     wanted = normalise_dataset(dataset)
-    chosen = tuple(i for i in items if i.matches_dataset(wanted))
+    keys = {wanted} | {i.dataset_key for i in items if wanted in i.uris}
+    chosen = tuple(i for i in items if i.dataset_key in keys or (
+        i.row is None and wanted == os.path.basename(i.dataset_key)))
     if not chosen:
         raise BadInput(f"no cached items of dataset {dataset!r} in {cache_dir} "
                        "(give its URI or UUID as `dtool cache ls` shows it)")
@@ -399,6 +405,32 @@ def list_cached(cache_dir: str, sort: str = "accessed", limit: Optional[int] = N
 
 
 # -- clean -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Naming:
+    """Which dataset each of some cached files belongs to, and the item's name there: what
+    a plan shows beside the cache path.  Datasets are grouped as everywhere: by UUID
+    (untracked files: that of the tracked files in their directory, else the directory)."""
+
+    files: Dict[str, Tuple[str, Optional[str]]]  # relpath -> (dataset key, item's name)
+    uris: Dict[str, Tuple[str, ...]]  # dataset key -> every URI it was read through
+
+
+def naming(cache_dir: str, relpaths: Sequence[str]) -> Naming:
+    with open_ledger(cache_dir) as ledger:
+        names = ledger.names_of(relpaths)
+        untracked_dirs = sorted({os.path.dirname(r) for r in relpaths if r not in names})
+        dir_datasets = ledger.datasets_of_dirs(untracked_dirs)
+        uris = ledger.uris_of_datasets()
+    files = {}
+    for relpath in relpaths:
+        if relpath in names:
+            files[relpath] = names[relpath]
+        else:
+            directory = os.path.dirname(relpath)
+            files[relpath] = (dir_datasets.get(directory, directory), None)
+    return Naming(files, {key: uris.get(key, ()) for key, _ in files.values()})
 
 
 def plan_clean(inv: Inventory, rules: Rules, now: Optional[float] = None) -> CleanPlan:

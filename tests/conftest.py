@@ -67,10 +67,39 @@ def cache_dir(tmp_path, monkeypatch):
     return path
 
 
+OTHER_USERS = "other_users"
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", f"{OTHER_USERS}: runs this venv's python as other unix users (needs root); "
+        "skips where they cannot run it (applied to every test using the users fixture)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects on markers
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "users" in getattr(item, "fixturenames", ()):
+            item.add_marker(OTHER_USERS)
+
+
+def pytest_runtest_setup(item):
+    """The one place the tests that need other users skip: when those users cannot run
+    the venv's python (one check per session, see ``support/users.py``)."""
+    if item.get_closest_marker(OTHER_USERS) is None:
+        return
+    from support.users import other_users_problem
+
+    problem = other_users_problem()
+    if problem:
+        pytest.skip(problem)
+
+
 @pytest.fixture(scope="module")
 def users():
     """Real unix users: alice, bob, carol in the group ``dcmshare`` and erin outside it
-    (see ``support/users.py``); for the tests that need root."""
+    (see ``support/users.py``); for the tests that need root.  Every test using it is
+    marked ``other_users``."""
     from support.users import make_users, remove_tree, shared_tmp
 
     base = shared_tmp("dcm-users-")
@@ -149,7 +178,8 @@ def s3_dataset(s3_server, tmp_path, monkeypatch):
     return make
 
 
-# CI must run everything: a test skipped there (say, one needing root) would pass unseen.
+# CI must run everything: a test skipped there (say, one needing root, or one needing other
+# users to run the venv's python) would pass unseen.
 REQUIRE_ALL_ENV = "DCM_REQUIRE_ALL_TESTS"
 
 

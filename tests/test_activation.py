@@ -87,3 +87,50 @@ def test_file_datasets_are_not_cache_items(tmp_path, cache_dir, make_env):
     assert dcm.cache_num_items(cache_dir=str(cache_dir)) == 0
     with dcm.open_ledger(str(cache_dir)) as ledger:
         assert ledger.items() == []
+
+
+# --- `dtool --version`: our entry point is not a second `file` broker (issue 14, item 9) ---
+
+BROKER_LOOKUP = """
+import dtoolcore
+from dtoolcore.storagebroker import DiskStorageBroker
+lookup = dtoolcore._generate_storage_broker_lookup()
+assert lookup["file"] is DiskStorageBroker, lookup
+print("\\n".join(f"{k}={v.__module__}.{v.__qualname__}" for k, v in lookup.items()))
+"""
+
+
+def _storage_broker_lines(version_text):
+    lines = version_text.splitlines()
+    start = lines.index("Storage brokers:") + 1
+    end = lines.index("", start) if "" in lines[start:] else len(lines)
+    return lines[start:end]
+
+
+def test_dtool_version_lists_one_file_broker(http_dataset, cache_dir, make_env):
+    import dtoolcore
+    from urllib.parse import urlparse
+
+    from dtool_cache_manager.activation import KEY
+
+    env = make_env(cache_dir)
+    out = subprocess.run(["dtool", "--version"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    brokers = _storage_broker_lines(out.stdout)
+    assert [b for b in brokers if b.startswith("file,")] == [
+        f"file, dtoolcore, version {dtoolcore.__version__}"], out.stdout
+    ours = [b for b in brokers if ", dtool-cache-manager, " in b]
+    assert ours == [f"{KEY}, dtool-cache-manager, version {dcm.__version__}"], out.stdout
+    assert urlparse(f"{KEY}://host/x").scheme == ""  # no URI can name our key as its scheme
+
+    # dtoolcore's own lookup, in a fresh interpreter: "file" is still dtoolcore's broker
+    lookup = run_python(BROKER_LOOKUP, env)
+    assert lookup.returncode == 0, lookup.stderr
+    assert f"{KEY}=dtool_cache_manager.activation.CacheTracking" in lookup.stdout.split("\n")
+
+    # and the entry point still switches tracking on: one miss, two hits
+    ds = http_dataset(ITEMS)
+    ident = ds.identifiers["a.txt"]
+    assert _three_accesses(ds.uri, ident, env) == [str(ds.cache_path(cache_dir, "a.txt"))] * 3
+    _assert_one_miss_two_hits(ds.uri, ident, cache_dir)

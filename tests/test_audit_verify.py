@@ -104,7 +104,8 @@ def test_audit_counts_exactly(http_dataset, cache_dir, make_env):
             key=row.relpath, accesses=row.hits + row.misses, hits=row.hits, misses=row.misses,
             hit_rate=row.hits / (row.hits + row.misses),
             bytes_served_from_cache=row.hits * sizes[relpath],
-            estimated_seconds_saved=pytest.approx(saved), estimated=False)
+            estimated_seconds_saved=pytest.approx(saved), estimated=False,
+            uris=(ds.uri,), item_relpath=relpath)
     assert _by_key(by_item) == expected
     # Most time saved first; c.txt was never hit, so it saved nothing.
     assert [r.key for r in by_item][-1] == rows["c.txt"].relpath
@@ -118,10 +119,12 @@ def test_audit_counts_exactly(http_dataset, cache_dir, make_env):
         estimated_seconds_saved=pytest.approx(sum(savings)), estimated=False)
     (user_row,) = by_user
     (dataset_row,) = by_dataset
-    assert (user_row.key, dataset_row.key) == (me, ds.uri)
+    # A dataset is its UUID, with every URI it was read through.
+    assert (user_row.key, dataset_row.key, dataset_row.uris) == (me, ds.uuid, (ds.uri,))
     # Same numbers however grouped (savings summed in another order: approx).
     for grouped in (user_row, dataset_row):
-        assert _approx(grouped) == dataclasses.replace(total, key=grouped.key)
+        assert _approx(grouped) == dataclasses.replace(total, key=grouped.key,
+                                                       uris=grouped.uris)
 
 
 def test_audit_since_window_uses_hour_buckets(http_dataset, cache_dir, make_env):
@@ -197,8 +200,8 @@ def test_audit_throughput_fallback_is_estimated(http_dataset, s3_dataset, cache_
     assert by_item[placed_s3.relpath].estimated is True
     assert by_item[placed_s3.relpath].estimated_seconds_saved == 0.0
     assert by_item[placed_s3.relpath].hit_rate == 1.0
-    assert by_dataset[ds.uri].estimated is True
-    assert by_dataset[s3.uri].estimated is True
+    assert by_dataset[ds.uuid].estimated is True
+    assert by_dataset[s3.uuid].estimated is True
     assert totals(by_dataset.values()).estimated is True
 
 

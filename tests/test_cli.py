@@ -5,6 +5,7 @@ itself from the disk and its own count of accesses."""
 import json
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -62,6 +63,56 @@ def test_a_hold_on_the_http_copy_leaves_the_s3_copy_of_the_same_item_free(
     assert os.path.exists(http_path) and not os.path.exists(s3_path)
 
 
+def test_one_dataset_read_over_http_and_s3_is_one_dataset_everywhere(
+        http_dataset, s3_dataset, cache_dir, make_env):
+    """summary, ``ls --dataset`` (by either URI or the UUID) and ``audit --by dataset``
+    group by one rule, the UUID, and list both URIs; every listing names each file's item
+    (its relpath in the dataset) beside the cache path."""
+    web = http_dataset({"sub/run3/image.tif": b"i" * 300, "notes.txt": b"n" * 200})
+    bucket = s3_dataset({"other.txt": b"o"})
+    s3_uri = dtoolcore.copy(web.local_uri, bucket.uri.rsplit("/", 1)[0])
+    env = make_env(cache_dir, bucket.env)
+    names = {ident: relpath for relpath, ident in web.identifiers.items()}
+    for uri in (web.uri, web.uri, s3_uri):
+        for ident in names:
+            fetch(uri, ident, env)
+    fetch(s3_uri, web.identifiers["notes.txt"], env)  # http: 2 + 2; s3: 2 + 1
+    summary = json.loads(dtool_cache("summary", "-f", "json", env=env).stdout)
+    (dataset,) = summary["datasets"]
+    assert dataset["key"] == web.uuid and dataset["uris"] == sorted([web.uri, s3_uri])
+    assert (dataset["num_items"], dataset["size_bytes"]) == (4, 1000)
+    text = dtool_cache("summary", env=env).stdout
+    assert web.uri in text and f"+ {s3_uri}" in text and "grouped by UUID" in text
+
+    for wanted in (web.uri, s3_uri, web.uuid):
+        listed = json.loads(dtool_cache("ls", "--dataset", wanted, "-f", "json",
+                                        env=env).stdout)
+        assert len(listed) == 4 and {r["dataset"] for r in listed} == {web.uuid}
+        assert sorted(r["item_relpath"] for r in listed) == sorted(list(names.values()) * 2)
+        assert {tuple(r["uris"]) for r in listed} == {(web.uri,), (s3_uri,)}
+    table = dtool_cache("ls", "--dataset", s3_uri, env=env).stdout
+    assert "sub/run3/image.tif" in table and "Cached file" in table
+
+    audit = json.loads(dtool_cache("audit", "--by", "dataset", "-f", "json", env=env).stdout)
+    (row,) = audit["rows"]
+    assert (row["key"], row["uris"], row["accesses"]) == (
+        web.uuid, sorted([web.uri, s3_uri]), 7)
+    items = json.loads(dtool_cache("audit", "--by", "item", "-f", "json", env=env).stdout)
+    assert sorted((r["item_relpath"], r["accesses"]) for r in items["rows"]) == [
+        ("notes.txt", 2), ("notes.txt", 2), ("sub/run3/image.tif", 1),
+        ("sub/run3/image.tif", 2)]
+    assert "sub/run3/image.tif" in dtool_cache("audit", "--by", "item", env=env).stdout
+
+    plan = json.loads(dtool_cache("clean", "--all", "--dry-run", "-f", "json",
+                                  env=env).stdout)
+    assert sorted((i["item_relpath"], i["dataset"]) for i in plan["items"]) == sorted(
+        (name, web.uuid) for name in list(names.values()) * 2)
+    assert {i["path"] for i in plan["items"]} == set(plan["removed"])
+    text = dtool_cache("clean", "--all", "--dry-run", env=env).stdout
+    assert "sub/run3/image.tif" in text and f"{web.uri} + {s3_uri}: 4 files" in text \
+        or f"{s3_uri} + {web.uri}: 4 files" in text
+
+
 def test_scripted_session_figures(http_dataset, s3_dataset, cache_dir, make_env):
     web = http_dataset({"a.txt": b"a" * 1000, "b.txt": b"b" * 3000})
     bucket = s3_dataset({"c.bin": b"c" * 5000})
@@ -95,7 +146,8 @@ def test_scripted_session_figures(http_dataset, s3_dataset, cache_dir, make_env)
         per_fetch = {r.relpath: r.fetch_seconds / r.misses for r in ledger.items()}
     audit = json.loads(dtool_cache("audit", "--by", "dataset", "--json", env=env).stdout)
     for ds in (web, bucket):
-        (row,) = [r for r in audit["rows"] if r["key"] == ds.uri]
+        (row,) = [r for r in audit["rows"] if r["key"] == ds.uuid]
+        assert row["uris"] == [ds.uri]
         mine = [(relpath, times) for d, relpath, times in plan if d is ds]
         assert row["accesses"] == sum(t for _, t in mine)
         assert row["misses"] == len(mine) and row["hits"] == sum(t - 1 for _, t in mine)
@@ -350,17 +402,19 @@ def test_bad_input_is_one_line_exit_2_and_deletes_nothing(args, http_dataset, ca
     assert disk_files(cache_dir) == before
 
 
-def _in_a_terminal(args, env, answer):
-    """Run a command with a real pseudo-terminal as its stdin/stdout and answer its prompt."""
+def _in_a_terminal(args, env, answer=None):
+    """Run a command with a real pseudo-terminal as its stdin/stdout and answer its prompt
+    (if ``answer`` is given)."""
     import pty
 
     main, child = pty.openpty()
     proc = subprocess.Popen(args, env=env, stdin=child, stdout=child, stderr=child)
     os.close(child)
     output = b""
-    while b"Proceed?" not in output:
-        output += os.read(main, 4096)
-    os.write(main, answer)
+    if answer is not None:
+        while b"Proceed?" not in output:
+            output += os.read(main, 4096)
+        os.write(main, answer)
     try:
         while True:
             chunk = os.read(main, 4096)
@@ -384,6 +438,47 @@ def test_interactive_clean_shows_the_plan_and_asks(http_dataset, cache_dir, make
     code, out = _in_a_terminal(["dtool-cache", "clean", "--all"], env, b"y\n")
     assert code == 0 and "Removed 1 file," in out
     assert disk_files(cache_dir) == {}
+
+
+def test_a_long_interactive_plan_is_summarised_with_its_totals_right_above_the_prompt(
+        http_dataset, cache_dir, make_env):
+    """Past 20 files the plan shows a line per dataset, and its totals are the last line
+    before ``Proceed?``; ``--list`` shows every file, still with the totals last."""
+    ds = http_dataset({f"dir/f{i:02d}.txt": b"x" * 10 for i in range(25)})
+    env = make_env(cache_dir)
+    for ident in ds.identifiers.values():
+        fetch(ds.uri, ident, env)
+    for extra, files_shown in (([], 0), (["--list"], 25)):
+        code, out = _in_a_terminal(["dtool-cache", "clean", "--all", *extra], env, b"n\n")
+        before_prompt = out[:out.index("Proceed?")].rstrip().splitlines()
+        assert code == 1 and before_prompt[-1] == "Would remove 25 files, freeing 250 bytes."
+        assert sum(f"dir/f{i:02d}.txt" in out for i in range(25)) == files_shown
+        assert ("--list shows every file" in out) == (not extra)
+        assert f"{ds.uri}: 25 files, 250 bytes" in out
+    assert len(disk_files(cache_dir)) == 25
+
+
+def test_tables_fit_an_80_column_terminal_with_s3_paths(http_dataset, s3_dataset, cache_dir,
+                                                        make_env):
+    """On a terminal, long URIs and paths lose their middle so that every table line fits;
+    piped, they are whole."""
+    web = http_dataset({"a/very/long/directory/name/for/an/item/image.tif": b"i" * 30})
+    bucket = s3_dataset({"other.txt": b"o"})
+    s3_uri = dtoolcore.copy(web.local_uri, bucket.uri.rsplit("/", 1)[0])
+    env = make_env(cache_dir, {**bucket.env, "COLUMNS": "80"})
+    for uri in (web.uri, s3_uri):
+        fetch(uri, web.identifiers["a/very/long/directory/name/for/an/item/image.tif"], env)
+    cut = []
+    for command in (["ls"], ["summary"], ["audit", "--by", "item"],
+                    ["audit", "--by", "dataset"]):
+        code, out = _in_a_terminal(["dtool-cache", *command], env)
+        cut.append("…" in out)
+        lines = re.sub(r"\x1b\[[0-9;]*m", "", out.replace("\r", "")).splitlines()
+        shown = [line for line in lines if not line.startswith("Cache directory:")]
+        assert code == 0 and len(shown) >= 5 and max(map(len, shown)) <= 80, out
+        piped = dtool_cache(*command, env=env).stdout
+        assert max(map(len, piped.splitlines())) > 80  # whole, for grep
+    assert cut[0] and cut[2]  # the paths of ls and audit --by item lost their middle
 
 
 def test_verify_reports_and_fixes_damage(http_dataset, cache_dir, make_env):

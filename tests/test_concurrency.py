@@ -1,6 +1,7 @@
 """Exact counts, crash-proof holds, safe removal and single-flight fetches, with real
 processes against a real HTTP broker on loopback."""
 
+import datetime
 import json
 import logging
 import os
@@ -8,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -85,9 +87,19 @@ def test_live_holder_blocks_removal(http_dataset, cache_dir, make_env):
         proc.communicate("\n")
     assert proc.returncode == 0
     assert dcm.cache_item_lock_counter(ds.uri, ident) == 0
+    last = dcm.last_time_accessed(ds.uri, ident)
     assert dcm.remove_cache_item_safely(ds.uri, ident) is True
     assert not os.path.exists(path)
-    assert dcm.num_times_accessed(ds.uri, ident) == 0
+    # The item's history outlives its file, as in `dtool cache audit --by item`; its last
+    # access is then known to the hour, and never later than the removal.
+    assert dcm.num_times_accessed(ds.uri, ident) == 1
+    after = dcm.last_time_accessed(ds.uri, ident)
+    assert last <= after <= last + datetime.timedelta(hours=1)
+    assert after.timestamp() <= time.time()
+    audit = subprocess.run(["dtool-cache", "audit", "--by", "item", "-f", "json"],
+                           env=make_env(cache_dir), capture_output=True, text=True, check=True)
+    (row,) = json.loads(audit.stdout)["rows"]
+    assert (row["accesses"], row["item_relpath"]) == (1, None)
 
 
 def test_two_holders_are_counted(http_dataset, cache_dir, make_env):

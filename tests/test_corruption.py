@@ -128,6 +128,11 @@ def test_schema_v1_is_upgraded_in_place(tmp_path):
 
 
 # What version 8 changed, to turn a version 8 ledger into a version 7 one.
+TO_SCHEMA_V8 = """
+DROP INDEX usage_by_item;
+UPDATE meta SET value = '8' WHERE key = 'schema_version';
+"""
+
 TO_SCHEMA_V7 = """
 DROP INDEX files_by_last_use;
 CREATE INDEX files_by_last_use ON files (kind, last_use);
@@ -180,16 +185,17 @@ UPDATE meta SET value = '3' WHERE key = 'schema_version';
 """
 
 
-DOWNGRADES = [TO_SCHEMA_V7, TO_SCHEMA_V6, TO_SCHEMA_V5, TO_SCHEMA_V4, TO_SCHEMA_V3]
+DOWNGRADES = [TO_SCHEMA_V8, TO_SCHEMA_V7, TO_SCHEMA_V6, TO_SCHEMA_V5, TO_SCHEMA_V4,
+              TO_SCHEMA_V3]
 
 
-@pytest.mark.parametrize("downgrade", [DOWNGRADES[:n] for n in range(1, 6)],
-                         ids=["v7", "v6", "v5", "v4", "v3"])
+@pytest.mark.parametrize("downgrade", [DOWNGRADES[:n] for n in range(1, 7)],
+                         ids=["v8", "v7", "v6", "v5", "v4", "v3"])
 def test_older_schema_is_upgraded_in_place(downgrade, filled, cache_dir, make_env):
     """Version 4 drops three indexes every removal paid for, version 5 stores items by path
     and counts their removal without a trigger, version 6 remembers each journal's inode,
     version 7 tells untracked files from tracked ones in the index, version 8 plans a clean
-    from the index alone; the figures stay the same, and the count of rows stays right
+    from the index alone, version 9 indexes usage by item; the figures stay the same, and the count of rows stays right
     through a clean."""
     env = make_env(cache_dir)
 
@@ -213,7 +219,8 @@ def test_older_schema_is_upgraded_in_place(downgrade, filled, cache_dir, make_en
         assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'"
                             ).fetchone() == (str(SCHEMA_VERSION),)
         assert conn.execute("SELECT max(last_access) FROM dirs").fetchone()[0] is not None
-    assert set(indexes) == {"items_by_dataset", "dirs_by_parent", "files_by_last_use"}
+    assert set(indexes) == {"items_by_dataset", "dirs_by_parent", "files_by_last_use",
+                            "usage_by_item"}
     assert "size_bytes, access_count" in indexes["files_by_last_use"]
     assert set(triggers) == {"items_counted_in"}
     assert "WITHOUT ROWID" in tables["items"] and "WITHOUT ROWID" in tables["removals"]

@@ -37,6 +37,7 @@ def shared_tmp():
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another user "
                     "(CI runs as root, so this always runs there)")
+@pytest.mark.other_users
 def test_cache_directory_we_cannot_write(http_dataset, shared_tmp, make_env):
     """A read-only member of a shared cache: hits still work, with a clear warning."""
     ds = http_dataset({"a.txt": b"a" * 1000})

@@ -71,6 +71,53 @@ print((os.fstat(session.journal._fd).st_size - before) / 2000)
     assert counted(ds, cache_dir) == 2005
 
 
+def test_a_repeated_hit_takes_the_shortcut_and_leaves_it_when_the_file_changes(
+        http_dataset, cache_dir, make_env):
+    """Repeat hits skip the hooks' general path (plugins.Dispatch.warm_hits), but a file
+    whose mtime changed is described afresh, and a path the broker did not plan for is
+    recorded as that path: every access is counted, none twice."""
+    ds = http_dataset({"a.bin": b"a" * 10, "b.bin": b"b" * 10})
+    a, b = ds.identifiers["a.bin"], ds.identifiers["b.bin"]
+    code = """
+import os, shutil, sys
+import dtoolcore
+from dtool_cache_manager import host, tracking
+ds = dtoolcore.DataSet.from_uri(sys.argv[1])
+a, b = sys.argv[2], sys.argv[3]
+calls = []
+known = tracking.known_warm_hit
+def spy(*args):
+    state = known(*args)
+    calls.append(state is not None)
+    return state
+host._hooks().warm_hits = (spy, tracking.record_warm_hit)
+path_a = ds.item_content_abspath(a)  # a miss: fetched and described
+path_b = ds.item_content_abspath(b)
+for _ in range(3):
+    ds.item_content_abspath(a)  # hits: the shortcut
+os.utime(path_a, (1, 1))  # another member touches the file: a new definition
+ds.item_content_abspath(a)
+ds.item_content_abspath(a)
+elsewhere = os.path.join(os.path.dirname(os.path.dirname(path_a)), "elsewhere")
+os.mkdir(elsewhere)
+moved = shutil.copy(path_a, elsewhere)
+os.utime(moved, (1, 1))  # long there: a hit
+ds._storage_broker.get_item_abspath = lambda identifier: moved  # the broker surprises us
+ds.item_content_abspath(a)
+print(calls)
+"""
+    result = subprocess.run([sys.executable, "-c", code, ds.uri, a, b],
+                            env=make_env(cache_dir), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    # First access of each: no state yet; after the utime: no; the surprise: checked first.
+    assert result.stdout.split("\n")[0] == str([False, False, True, True, True, False, True,
+                                                 True])
+    assert "Traceback" not in result.stderr and "ignored" not in result.stderr
+    assert dcm.num_times_accessed(ds.uri, a, cache_dir=str(cache_dir)) == 7
+    assert dcm.num_times_accessed(ds.uri, b, cache_dir=str(cache_dir)) == 1
+
+
 def test_a_long_run_keeps_its_journal_small_and_every_access_counted(http_dataset, cache_dir,
                                                                      make_env):
     """4,000 accesses with 2 KiB segments: the process rotates and folds as it goes, never
@@ -214,6 +261,40 @@ def test_a_chunk_is_counted_per_item_and_hour_and_odd_lines_are_malformed():
     # The next chunk goes on in that hour.
     records, malformed, hour = journal.parse_chunk(b"[3,0000000002]\n", "alice", "h", 101)
     assert (records[0].hour, records[0].hits, malformed) == (101, {3: (1, 2)}, 0)
+
+
+def _sections(data, few_numbers, monkeypatch):
+    monkeypatch.setattr(journal, "FEW_NUMBERS", few_numbers)
+    records, malformed, hour = journal.parse_chunk(data, "alice", "h", None)
+    return [(r.hour, r.hits, r.misses) for r in records], malformed, hour
+
+
+ODD_LINES = [
+    b"[3,%09d]\n" % 7, b"[3,%011d]\n" % 7, b"[03,0000000007]\n", b"[3,3600000000]\n",
+    b"[3,4000000000]\n", b"[3,000000000d]\n", b"[3,0000000007,5]\n", b"[3,00,00000007]\n",
+    b"[3,0000000007]]\n", b"[[3,0000000007]\n", b"[3,0000000007]x\n", b"\n",
+    b"[3,5,0000000007]\n", b"[3,0000000007,0000000007]\n", b'["i",1]\n',
+    b"[%d,0000000007]\n" % (10 ** 18), b"[99,0000000007]\n", None]
+
+
+@pytest.mark.parametrize("odd", ODD_LINES)
+def test_the_shortcut_for_a_few_items_counts_exactly_as_the_general_path(odd, monkeypatch):
+    """A stretch of hits of a few items is counted with bytes scans (FEW_NUMBERS); one odd
+    line anywhere must send it down the general path, so both always give the same result."""
+    rng = random.Random(0)
+    lines = [b"[%d,%010d]\n" % (rng.randrange(5), rng.randrange(H)) for _ in range(300)]
+    far = lines * 20  # about 100 KB: past the first 64 KiB the candidates are sampled from
+    stretches = [lines] if odd is None else [
+        [odd] + lines, lines[:150] + [odd] + lines[150:], lines + [odd], far + [odd]]
+    for stretch in stretches:
+        body = b"".join(stretch)
+        if odd is None:  # nothing odd: the shortcut must be what counts it
+            assert journal._count_few_hits(body) is not None
+        data = b'["h",100]\n' + body
+        shortcut = _sections(data, 64, monkeypatch)
+        general = _sections(data, -1, monkeypatch)
+        assert shortcut == general
+        assert sum(n for n, _ in shortcut[0][0][1].values()) >= 300
 
 
 def test_the_writer_marks_the_hour_and_a_removal_within_it_splits_the_hits(tmp_path):

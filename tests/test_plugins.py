@@ -116,3 +116,21 @@ def test_wrappers_go_through_pluggy_and_order_is_kept():
     pm.register(Wrapper())
     plugins.Dispatch(pm).pre("u", "i")
     assert calls == [("wrap-in", "u"), ("first", "i"), ("last", "u", "i"), ("wrap-out", "u")]
+
+
+def test_a_repeated_hit_skips_the_hooks_only_while_ours_are_alone():
+    """Our two implementations offer one shortcut for repeated warm hits; one more
+    implementation of either hook turns it off, so that it sees every access."""
+    from dtool_cache_manager import tracking
+    from dtool_cache_manager.hookspecs import hookimpl
+
+    pm = plugins.build_manager()
+    assert plugins.Dispatch(pm).warm_hits is tracking.WARM_HITS
+
+    class Observer:
+        @hookimpl
+        def post_item_content_abspath(self, abspath):
+            pass
+
+    pm.register(Observer())
+    assert plugins.Dispatch(pm).warm_hits is None

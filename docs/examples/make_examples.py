@@ -17,21 +17,26 @@ example in ``docs/cli/`` is true output, not hand-written:
 
 The temporary cache path becomes ``~/.cache/dtool`` and the server's address
 ``http://example.org``, so the examples read naturally (tables are redrawn to fit).
-With setuptools >= 67.5, dtool-cli 0.7.1 prints a ``pkg_resources is deprecated``
-UserWarning on every ``dtool`` command; those lines come from dtool-cli, not from this
-package, and are filtered out.
+With setuptools >= 80.9, dtool-cli 0.7.1 prints a ``pkg_resources is deprecated``
+UserWarning on every ``dtool`` command where this package's .pth file is not installed
+(an editable install); those lines come from dtool-cli and are filtered out.
 
 Run from anywhere with the project's venv first on PATH::
 
     export PATH=/path/to/dtool-cache-manager/.venv/bin:$PATH
     python docs/examples/make_examples.py
 
-``--keep`` leaves the temporary directory in place (its path is printed).
+``--keep`` leaves the temporary directory in place (its path is printed).  ``--check``
+writes nothing: it compares the output with the committed examples and exits 1 on any
+difference beyond what changes from run to run (times, pids, UUIDs, host names, column
+widths, the order of rows) — ``tests/test_docs_examples.py`` runs it.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import glob
 import os
 import random
 import re
@@ -113,6 +118,7 @@ COMMANDS = [
     ("bad_size", ["cache", "clean", "--retain-size", "1XB"]),
     ("bad_age", ["cache", "clean", "--older-than", "banana"]),
     ("bad_combination", ["cache", "clean", "--all", "--retain-size", "1TB"]),
+    ("bad_option", ["cache", "ls", "--limit", "-1"]),
 ]
 
 HOLDER_CODE = """
@@ -124,6 +130,20 @@ sys.stdin.readline()  # hold the item until the parent says so
 """
 
 _WARNING_LINE = re.compile(r"UserWarning: pkg_resources is deprecated")
+
+# What differs between two runs of this script, masked before --check compares.
+_VOLATILE = [
+    (re.compile(r"\d+(\.\d+)? (second|minute|hour|day|week|month|year)s? ago"), "<ago>"),
+    (re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00"), "<time>"),
+    (re.compile(r"pid \d+"), "pid <pid>"),
+    (re.compile(r'"pid": \d+'), '"pid": <pid>'),
+    (re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"), "<uuid>"),
+    (re.compile(r"~?\d+(\.\d+)? (milli)?seconds?"), "<duration>"),
+    (re.compile(r'"(estimated_seconds_saved|fetch_seconds)": [0-9.e+-]+'), r'"\1": <n>'),
+    (re.compile(r"[\w.-]+@[\w.-]+"), "<user@host>"),
+    (re.compile(r"-{3,}"), "---"),
+    (re.compile(r" +"), " "),
+]
 _RULE = re.compile(r"^-{3,}$")
 
 
@@ -199,6 +219,49 @@ def rerender_tables(text):
     return "\n".join(out)
 
 
+def comparable(text):
+    """``text`` without what changes from run to run: masked, rows in sorted order."""
+    for pattern, replacement in _VOLATILE:
+        text = pattern.sub(replacement, text)
+    return sorted(line.strip() for line in text.splitlines())
+
+
+def documented_examples():
+    """The example files the pages of docs/cli include."""
+    names = set()
+    for page in glob.glob(os.path.join(REPO, "docs", "cli", "*.rst")):
+        with open(page, encoding="utf-8") as fh:
+            names.update(re.findall(r"literalinclude:: _examples/(\w+)\.txt", fh.read()))
+    return names
+
+
+def check(outputs):
+    """Exit status 1, with a diff, where an example is not what the command prints now."""
+    problems = []
+    made = set(outputs)
+    for name in sorted(documented_examples() - made):
+        problems.append(f"{name}: documented but not made by this script (add it to COMMANDS)")
+    for name in sorted(made):
+        path = os.path.join(OUT_DIR, f"{name}.txt")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                committed = fh.read()
+        except FileNotFoundError:
+            problems.append(f"{name}: {path} is missing")
+            continue
+        if comparable(committed) != comparable(outputs[name]):
+            diff = difflib.unified_diff(committed.splitlines(), outputs[name].splitlines(),
+                                        f"{name}.txt (committed)", f"{name}.txt (now)",
+                                        lineterm="")
+            problems.append(f"{name}: differs\n" + "\n".join(diff))
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        print("Run: python docs/examples/make_examples.py (and review the diff)",
+              file=sys.stderr)
+    return 1 if problems else 0
+
+
 def run_command(argv, env, cache_dir, base_url):
     proc = subprocess.run(["dtool", *argv], env=env, stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -216,7 +279,10 @@ def run_command(argv, env, cache_dir, base_url):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--check", action="store_true",
+                        help="compare with the committed examples instead of writing them")
     args = parser.parse_args()
+    outputs = {}
 
     if shutil.which("dtool") != os.path.join(os.path.dirname(sys.executable), "dtool"):
         print("warning: `dtool` on PATH is not this venv's; prepending it for subprocesses",
@@ -266,13 +332,10 @@ def main():
             raise RuntimeError("the holder process did not access its item")
         print(f"holding {held_path} (pid {holder.pid})")
 
-        os.makedirs(OUT_DIR, exist_ok=True)
         for name, argv in COMMANDS:
             if name == "verify_hash":
                 damage(paths)
-            text, status = run_command(argv, env, cache_dir, server.base_url)
-            with open(os.path.join(OUT_DIR, f"{name}.txt"), "w") as fh:
-                fh.write(text)
+            outputs[name], status = run_command(argv, env, cache_dir, server.base_url)
             print(f"{name}: exit {status}")
     finally:
         if holder is not None and holder.poll() is None:
@@ -288,6 +351,12 @@ def main():
             print(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+    if args.check:
+        sys.exit(check(outputs))
+    os.makedirs(OUT_DIR, exist_ok=True)
+    for name, text in outputs.items():
+        with open(os.path.join(OUT_DIR, f"{name}.txt"), "w") as fh:
+            fh.write(text)
 
 
 def damage(paths):

@@ -5,8 +5,14 @@ The tests run as root (as CI does), create the accounts idempotently with ``grou
 (supplementary groups, gid, uid) and sets a umask, as a login shell would.  What a run
 created it removes at its end (:func:`remove_created`); accounts that were there before
 are left alone.
+
+Those children run this venv's python, so other users must be able to execute it and import
+the installed packages.  A venv made from an interpreter under ``/root`` (pyenv, conda) does
+not allow that: :func:`other_users_problem` finds out once per session, and the tests marked
+``other_users`` (see ``conftest.py``) then skip with its one-line reason.
 """
 
+import functools
 import grp
 import os
 import pwd
@@ -109,6 +115,43 @@ def ensure_user(name: str, group: str) -> pwd.struct_passwd:
     except subprocess.CalledProcessError:
         pass
     return pwd.getpwnam(name)
+
+
+# What a child run as another user imports; found in the venv, as the tests' children are.
+_IMPORTS = "import dtool_cache_manager, dtoolcore, dtool_cli, dtool_http"
+
+
+@functools.lru_cache(maxsize=None)
+def other_users_problem() -> Optional[str]:
+    """None if another unix user can run ``sys.executable`` and import our package and its
+    dependencies from the venv; else the one-line reason to skip the tests that need that.
+
+    Tried for real, once per session, as erin (the least privileged of the test users, who
+    has only the others' permissions): the interpreter, the directories on the way to it
+    (it may be a link into ``/root``), the venv and the installed packages must all let her.
+    """
+    if os.geteuid() != 0:
+        return "needs root to create users and switch to them (CI runs as root)"
+    ensure_group(OUTSIDER)
+    entry = ensure_user(OUTSIDER, OUTSIDER)
+    # Home and cwd "/": a -c script imports from its cwd, and the clone must not stand in.
+    erin = User(OUTSIDER, entry.pw_uid, entry.pw_gid, (entry.pw_gid,), "/")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    python = sys.executable
+    real = os.path.realpath(python)
+    shown = python if real == python else f"{python} (-> {real})"
+    try:
+        result = run_as(erin, [python, "-c", _IMPORTS], env)
+    except (OSError, subprocess.SubprocessError) as exc:  # could not even start it
+        return (f"needs other unix users to run {shown}: {exc}; make the venv from an "
+                "interpreter they can execute (e.g. /usr/bin/python3)")
+    if result.returncode == 0:
+        return None
+    lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+    why = lines[-1] if lines else f"exit status {result.returncode}"
+    return (f"needs other unix users to import our packages with {shown}: {why}; make the "
+            "venv from /usr/bin/python3 or the like, where they can read it, and install "
+            "the package into it (not editable from a directory they cannot enter)")
 
 
 def make_users(base_dir: str) -> Dict[str, User]:
