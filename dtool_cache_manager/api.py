@@ -9,81 +9,13 @@ processes that are still running.
 from __future__ import annotations
 
 import datetime as _dt
-import logging
-import os
-import sqlite3
 import time
-from contextlib import contextmanager
-from typing import Iterator, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
-from . import cachefs, diskindex, executor
+from . import diskindex, executor
 from .holds import live_holds
 from .layout import resolve_cache_dir, sanitise_uri
-from .ledger import Ledger, LedgerError, UnsafeLedger, is_corruption, move_aside
-
-logger = logging.getLogger(__name__)
-
-
-@contextmanager
-def open_ledger(cache_dir: Optional[str] = None) -> Iterator[Ledger]:
-    """The ledger with every journal folded in.
-
-    If we may not write it (a read-only member of a shared cache) or cannot (a full disk),
-    the journals are folded into a private in-memory copy instead, with a warning for the
-    latter.  A ledger found damaged while folding is moved aside and rebuilt.  Where the
-    ledger could be swapped by a member (see ``docs/security.rst``), raises
-    :class:`~dtool_cache_manager.errors.UnsafeCache` with a one-line reason.
-    """
-    path = resolve_cache_dir(cache_dir)
-    cache = cachefs.open_cache(path, repair=True) if os.path.isdir(path) \
-        else cachefs.absent(path)
-    try:
-        ledger = _open(cache, readonly=not _writable(cache))
-    except BaseException:
-        cache.close()
-        raise
-    try:
-        yield ledger
-    finally:
-        ledger.close()
-        cache.close()
-
-
-def _open(cache: cachefs.CacheDir, readonly: bool) -> Ledger:
-    try:
-        ledger = Ledger(cache, readonly=readonly)
-    except UnsafeLedger:
-        raise
-    except LedgerError as exc:
-        if readonly:
-            raise
-        if cache.can_write_meta or "readonly" not in str(exc):
-            logger.warning("dtool-cache-manager: %s; showing a read-only view", exc)
-        return _open(cache, readonly=True)
-    try:
-        ledger.compact()
-    except sqlite3.DatabaseError as exc:
-        ledger.close()
-        if readonly:
-            raise LedgerError(f"cannot read ledger {cache.ledger_path}: {exc}") from exc
-        if not is_corruption(exc):  # e.g. a full disk
-            logger.warning("dtool-cache-manager: could not fold the journals into %s (%s); "
-                           "figures may lag until it can be written", cache.ledger_path, exc)
-            return _open(cache, readonly=True)
-        move_aside(cache, exc)
-        ledger = Ledger(cache)
-        ledger.compact()
-    return ledger
-
-
-def _writable(cache: cachefs.CacheDir) -> bool:
-    """May we write the ledger?  Its owner may; a member may write an existing one."""
-    if cache.meta_fd is None:
-        return False
-    if cache.can_write_meta:
-        return True
-    st = cachefs.entry_stat(cache.meta_fd, cachefs.LEDGER)
-    return st is not None and os.access(cache.ledger_path, os.W_OK)
+from .ledger import open_ledger
 
 
 def _check_item(uri: str, identifier: str) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Iterable, Optional, Set, Tuple
 
-from .ledger import Ledger, from_db
+from .ledger import Ledger
 
 GROUPINGS = ("user", "dataset", "item")
 
@@ -48,7 +48,6 @@ def audit(ledger: Ledger, by: str, since: Optional[float] = None) -> Tuple[Audit
     totals: Dict[str, list] = {}
     uris: Dict[str, Set[str]] = {}
     for relpath, user, uri, uuid, hits, misses, hit_bytes in _window(ledger, since):
-        relpath = from_db(relpath)
         if hits and relpath in per_fetch:
             saved, estimated = hits * per_fetch[relpath], False
         elif hits:
@@ -90,34 +89,25 @@ def _row(key: str, hits: int, misses: int, hit_bytes: int, saved: float,
 
 def _window(ledger: Ledger, since: Optional[float]):
     # hour * 3600 + 3600 > since  <=>  hour >= floor(since / 3600), which uses the key's index.
-    first_hour = int(since // 3600) if since is not None else None
-    return ledger.conn.execute(
-        """SELECT relpath, user, uri, uuid, sum(hits), sum(misses), sum(hit_bytes)
-           FROM usage
-           WHERE ? IS NULL OR hour >= ?
-           GROUP BY relpath, user, uri, uuid""", (first_hour, first_hour))
+    return ledger.usage_since(int(since // 3600) if since is not None else None)
 
 
 def _seconds_per_fetch(ledger: Ledger) -> Dict[str, float]:
     """relpath -> mean measured fetch duration, over all history."""
-    return {from_db(relpath): seconds / misses for relpath, seconds, misses in ledger.conn.execute(
-        """SELECT relpath, sum(fetch_seconds), sum(misses) FROM usage
-           GROUP BY relpath HAVING sum(misses) > 0""")}
+    return {relpath: seconds / misses
+            for relpath, seconds, misses in ledger.fetch_totals_per_file()}
 
 
 def _schemes(ledger: Ledger) -> Dict[str, str]:
     """relpath -> broker scheme of the items the ledger still knows."""
-    return {from_db(r): scheme for r, scheme in ledger.conn.execute(
-        "SELECT relpath, scheme FROM items")}
+    return ledger.schemes()
 
 
 def _seconds_per_byte(ledger: Ledger, scheme_of: Dict[str, str]) -> Dict[str, float]:
     """scheme -> observed fetch seconds per byte, over all history of that scheme's items."""
     sums: Dict[str, list] = {}
-    for relpath, uri, miss_bytes, seconds in ledger.conn.execute(
-            """SELECT relpath, uri, sum(miss_bytes), sum(fetch_seconds) FROM usage
-               WHERE misses > 0 GROUP BY relpath, uri"""):
-        acc = sums.setdefault(scheme_of.get(from_db(relpath)) or _scheme(uri), [0, 0.0])
+    for relpath, uri, miss_bytes, seconds in ledger.miss_totals_per_file():
+        acc = sums.setdefault(scheme_of.get(relpath) or _scheme(uri), [0, 0.0])
         acc[0] += miss_bytes
         acc[1] += seconds
     return {scheme: seconds / nbytes for scheme, (nbytes, seconds) in sums.items()

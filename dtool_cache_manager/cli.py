@@ -11,12 +11,13 @@ import functools
 import os
 import sys
 import time
+from contextlib import contextmanager
 
 import click
 
 from . import __version__, audit as audit_mod, formatting, housekeeping, report
 from . import settings as settings_mod
-from .api import open_ledger
+from .ledger import open_ledger
 from .errors import CacheManagerError
 from .layout import resolve_cache_dir
 from .params import AGE, SIZE, BadInput
@@ -176,30 +177,39 @@ def clean(cache_dir, as_json, dataset, remove_all, older_than, retain_size,
     if not (dry_run or yes or sys.stdin.isatty()):
         raise BadInput("refusing to remove files without confirmation: pass --yes "
                        "(or --dry-run to see the plan)")
-    plan = _guarded(report.plan, directory, rules, dataset, time.time())
-    shown = dry_run or not yes
-    naming = _guarded(report.naming, directory, [p.relpath for p in plan.removals]) \
-        if plan.removals and (shown or as_json) else None
-    if dry_run:
-        click.echo(formatting.render_clean_plan(plan, note, as_json, naming, list_all))
-        return
-    if not yes:
-        click.echo(formatting.render_clean_plan(plan, note, False, naming, list_all))
-        if not (plan.removals or plan.stale_partials):
+    with _ledger(directory) as ledger:  # opened, and the journals folded, once
+        plan = _guarded(report.plan_in, ledger, rules, dataset, time.time())
+        naming = _guarded(report.naming, ledger, [p.relpath for p in plan.removals]) \
+            if plan.removals and (dry_run or not yes or as_json) else None
+        if dry_run:
+            click.echo(formatting.render_clean_plan(plan, note, as_json, naming, list_all))
             return
-        click.confirm("Proceed?", default=False, abort=True)
-    result = _guarded(_execute, plan, directory, not as_json)
+        if not yes:
+            click.echo(formatting.render_clean_plan(plan, note, False, naming, list_all))
+            if not (plan.removals or plan.stale_partials):
+                return
+            click.confirm("Proceed?", default=False, abort=True)
+        result = _guarded(_execute, plan, ledger, not as_json)
     click.echo(formatting.render_clean_result(plan, result, note if yes else None, as_json,
                                               naming))
 
 
-def _execute(plan, directory, show_progress: bool):
+def _execute(plan, ledger, show_progress: bool):
     todo = plan.removals + plan.stale_partials
-    with open_ledger(directory) as ledger:
-        if show_progress and sys.stdout.isatty() and len(todo) >= PROGRESS_THRESHOLD:
-            with click.progressbar(length=len(todo), label="Removing") as bar:
-                return plan.execute(ledger, progress=lambda _: bar.update(1))
-        return plan.execute(ledger)
+    if show_progress and sys.stdout.isatty() and len(todo) >= PROGRESS_THRESHOLD:
+        with click.progressbar(length=len(todo), label="Removing") as bar:
+            return plan.execute(ledger, progress=lambda _: bar.update(1))
+    return plan.execute(ledger)
+
+
+@contextmanager
+def _ledger(directory):
+    """:func:`open_ledger`, with its errors as one line, as :func:`_guarded` gives them."""
+    try:
+        with open_ledger(directory) as ledger:
+            yield ledger
+    except CacheManagerError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @cache.command(name="audit")

@@ -366,6 +366,19 @@ _LISTED_FROM_JSON = """
 _LISTED_FROM_PARAMS = "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
 
 
+def last_use_of(f: IndexedFile) -> float:
+    """When a file was last used, as far as we know: its last access, or for a file no
+    hook has seen, the later of its atime and mtime (all there is).  The one rule, used by
+    the index (``last_use``, through :func:`last_use_sql`), the LRU order and the
+    policies."""
+    return f.last_access if f.last_access is not None else max(f.mtime, f.atime)
+
+
+def last_use_sql(last_access: str, mtime: str, atime: str) -> str:
+    """:func:`last_use_of` as an SQL expression of the given columns."""
+    return f"coalesce({last_access}, max({mtime}, {atime}))"
+
+
 def _store_files_sql(listed: str, with_ledger: bool) -> str:
     """Statement storing listed files.  With the ledger, an upsert in which the ledger says
     whether each file is tracked (and lends its facts); without (a new directory and an
@@ -377,14 +390,14 @@ def _store_files_sql(listed: str, with_ledger: bool) -> str:
         return head + f"""
     SELECT relpath, dir, ino, size_bytes, mtime, atime,
            CASE WHEN partial THEN {PARTIAL} ELSE {UNTRACKED} END, NULL, NULL, NULL, 0,
-           max(mtime, atime)
+           {last_use_sql("NULL", "mtime", "atime")}
     FROM listed"""
     return head + f"""
     SELECT n.relpath, n.dir, n.ino, n.size_bytes, n.mtime, n.atime,
            CASE WHEN n.partial THEN {PARTIAL} WHEN i.uuid IS NULL THEN {UNTRACKED}
                 ELSE {TRACKED} END,
            i.identifier, i.uuid, i.last_access, coalesce(i.hits + i.misses, 0),
-           coalesce(i.last_access, max(n.mtime, n.atime))
+           {last_use_sql("i.last_access", "n.mtime", "n.atime")}
     FROM listed AS n LEFT JOIN items AS i ON i.relpath = n.relpath
     WHERE true
     ON CONFLICT (relpath) DO UPDATE SET
@@ -392,7 +405,7 @@ def _store_files_sql(listed: str, with_ledger: bool) -> str:
       atime = excluded.atime,
       kind = CASE WHEN excluded.kind = {PARTIAL} THEN {PARTIAL}
                   WHEN uuid IS NULL THEN {UNTRACKED} ELSE {TRACKED} END,
-      last_use = coalesce(last_access, max(excluded.mtime, excluded.atime))"""
+      last_use = {last_use_sql("last_access", "excluded.mtime", "excluded.atime")}"""
 
 
 # (from JSON, with the ledger) -> statement
@@ -926,11 +939,6 @@ def by_last_access(conn: sqlite3.Connection, descending: bool, untracked: bool =
         yield from _files(conn.execute(query))
 
 
-def last_use_of(f: IndexedFile) -> float:
-    """When a file was last used, as far as we know: its last access, or for a file no
-    hook has seen, the later of its atime and mtime (all there is).  The one rule, used by
-    the index (``last_use``), the LRU order and the policies."""
-    return f.last_access if f.last_access is not None else max(f.mtime, f.atime)
 
 
 def in_lru_order(conn: sqlite3.Connection) -> Iterator[Tuple[str, int, float, int]]:
@@ -978,7 +986,7 @@ def _skipped(text) -> Tuple[Tuple[str, str], ...]:
 
 def dir_totals(conn: sqlite3.Connection) -> List[DirTotals]:
     """Every directory's totals (rows whose fields have the wrong type are left out)."""
-    return [DirTotals(from_db(r[0]), *r[1:9], _skipped(r[9]))
+    return [DirTotals(from_db(r[0]), r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], _skipped(r[9]))
             for r in conn.execute(
                 "SELECT relpath, num_files, file_bytes, num_partial, partial_bytes, "
                 "num_untracked, untracked_bytes, dataset, last_access, skipped FROM dirs "

@@ -222,7 +222,8 @@ class CleanPlan:
                     done[planned.relpath] = outcome
                     if progress is not None:
                         progress(planned)
-        removed, skipped = [], []
+        removed: List[RemovalOutcome] = []
+        skipped: List[RemovalOutcome] = []
         for planned in self.removals:  # reported in the plan's order, as a dry run shows it
             outcome = done[planned.relpath]
             (removed if outcome.removed else skipped).append(outcome)
@@ -346,13 +347,13 @@ def remove_batch(cache: CacheDir, folders: cachefs.Dirs, pool: ThreadPoolExecuto
         unlinking = [pool.submit(_unlink_each, [(dir_fd, name, batch[n].relpath)
                                                 for n, dir_fd, name in share])
                      for share in shares]
-        inodes = {}
+        unlinks = {}  # n: (outcome, inode) of each file unlinked above
         for share, unlinked in zip(shares, unlinking):
             for (n, _, _), (outcome, ino) in zip(share, unlinked.result()):
-                outcomes[n], inodes[n] = outcome, ino
+                outcomes[n], unlinks[n] = outcome, (outcome, ino)
         removed_at = time.time()  # before any access can take a hold again
-        gone.extend((batch[n].relpath, removed_at, ino) for n, ino in inodes.items()
-                    if outcomes[n].removed or outcomes[n].reason == ALREADY_GONE)
+        gone.extend((batch[n].relpath, removed_at, ino) for n, (outcome, ino) in unlinks.items()
+                    if outcome.removed or outcome.reason == ALREADY_GONE)
     return outcomes  # type: ignore[return-value]  # every slot was filled above
 
 

@@ -198,6 +198,7 @@ def housekeeping_lines(status: AutocleanStatus) -> list:
         shown = [f"{label} {show(e.text)} ({e.source})" for label, e in
                  zip(("max size", "max age"), settings.entries) if e.text is not None]
         interval = settings.entries[2]
+        assert interval.text is not None  # the interval has a default, so it is always found
         lines = [f"Limits:          {', '.join(shown)}; "
                  f"checked at most every {show(interval.text)} ({interval.source})"]
     last = status.last_run
@@ -267,7 +268,7 @@ def render_config_change(key: str, text: Optional[str], removed: Optional[bool],
                          config_path: str, as_json: bool) -> str:
     """``dtool cache config KEY VALUE`` (``text``) or ``--unset`` (``removed``)."""
     if as_json:
-        data = {"key": key, "config_path": config_path}
+        data: Dict[str, object] = {"key": key, "config_path": config_path}
         data.update({"value": text} if removed is None else {"removed": removed})
         return _dumps(data)
     if removed is None:

@@ -39,7 +39,7 @@ from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Set, Tu
 
 from . import cachefs
 from .cachefs import CacheDir, Refused
-from .layout import Identity, is_item_relpath
+from .layout import Identity, is_item_relpath, user_at_host
 from .rangelock import GateBusy, RangeLockFile, open_range_lock
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class Holder:
 
     @property
     def user_at_host(self) -> str:
-        return f"{self.user}@{self.host}"
+        return user_at_host(self.user, self.host)
 
     def describe(self) -> str:
         return f"{self.user_at_host} pid {self.pid if self.pid is not None else '?'}"

@@ -120,7 +120,7 @@ def install() -> bool:
             return _tracked_call(self, identifier, original)
 
         item_content_abspath.__doc__ = original.__doc__
-        item_content_abspath.__wrapped__ = original
+        setattr(item_content_abspath, "__wrapped__", original)  # as functools.wraps would
         setattr(item_content_abspath, _MARK, True)
         ORIGINAL_ITEM_CONTENT_ABSPATH = original
         dtoolcore.DataSet.item_content_abspath = item_content_abspath
@@ -145,12 +145,24 @@ _dispatch = None  # plugins.Dispatch, loaded on first access to keep dtoolcore's
 
 
 def _hooks():
-    global _dispatch
+    global _dispatch, _watching
     if _dispatch is None:
         from . import plugins
 
+        if not _watching:
+            plugins.on_change(_forget_dispatch)
+            _watching = True
         _dispatch = plugins.dispatch()
     return _dispatch
+
+
+_watching = False  # whether plugins will tell us to drop the dispatch
+
+
+def _forget_dispatch() -> None:
+    """A plugin was registered at run time: build the dispatch again on the next access."""
+    global _dispatch
+    _dispatch = None
 
 
 def _tracked_call(dataset, identifier: str, original) -> str:
@@ -169,7 +181,7 @@ def _tracked_call(dataset, identifier: str, original) -> str:
     except Exception as exc:  # noqa: BLE001
         _warn(f"could not prepare tracking ({exc!r})")
         state = access = None
-    if state is not None and plan is not None:
+    if state is not None and plan is not None and warm is not None:  # warm: set if state is
         started = time.time()
         abspath = original(dataset, identifier)
         try:

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import cachefs
 from . import settings as settings_mod
@@ -87,7 +87,7 @@ class RunRecord:
         """The record in ``data``, or None if any field is missing or of the wrong type."""
         if not isinstance(data, dict):
             return None
-        values = {}
+        values: Dict[str, Any] = {}  # each checked against _FIELD_TYPES below
         for f in fields(cls):
             value = data.get(f.name)
             if f.name == "warnings":
@@ -174,6 +174,7 @@ def due(settings: HousekeepingSettings, last: Optional[RunRecord], fetched_since
         return SIZE
     if settings.max_age_seconds is not None:
         return AGE
+    assert elapsed is not None  # last is not None here, so elapsed was computed
     if not 0 <= elapsed < REMEASURE_SECONDS:
         return STALE
     return None
@@ -195,7 +196,7 @@ class _Tally:
     MAX_BUCKETS = 4096
 
     def __init__(self) -> None:
-        self.fetches: Deque[List[float]] = collections.deque()  # [second, bytes], oldest first
+        self.fetches: Deque[List[int]] = collections.deque()  # [second, bytes], oldest first
         self.fetched_bytes = 0
         self.last_spawn = -math.inf
         self.state_key: Optional[Tuple[int, int, int]] = None
@@ -230,7 +231,8 @@ class _Tally:
 
 _tallies: Dict[str, _Tally] = {}
 _children: List[subprocess.Popen] = []
-_settings_cache: Optional[Tuple[tuple, object]] = None  # (fingerprint, settings or error)
+_SettingsOrError = Union[HousekeepingSettings, SettingsError]
+_settings_cache: Optional[Tuple[tuple, _SettingsOrError]] = None  # (fingerprint, the outcome)
 _warned: set = set()
 
 
@@ -266,14 +268,14 @@ def _hook_settings() -> Optional[HousekeepingSettings]:
     cached = _settings_cache
     if cached is None or cached[0] != fingerprint:
         try:
-            result: object = settings_mod.load(path=path)
+            result: _SettingsOrError = settings_mod.load(path=path)
         except SettingsError as exc:
             result = exc
         cached = _settings_cache = (fingerprint, result)
     if isinstance(cached[1], SettingsError):
         _warn_once(f"automatic housekeeping is off: {cached[1]}")
         return None
-    return cached[1]  # type: ignore[return-value]
+    return cached[1]
 
 
 def _start_background(cache: CacheDir, settings: HousekeepingSettings, tally: _Tally,
@@ -441,30 +443,32 @@ def _measure_and_clean(cache_dir: str, settings: HousekeepingSettings,
     """Expire what is older than the maximum age, then, if still over the size limit, remove
     the least recently used down to the low-water mark.  The two limits are independent:
     either may remove a file (one Rules with both would AND them).  ``outcome`` is filled
-    as it goes, so a failure half-way still records what was done."""
+    as it goes, so a failure half-way still records what was done.  The ledger is opened,
+    and the journals folded, once for the whole run."""
     from . import report
+    from .ledger import open_ledger
     from .policies import Rules
 
-    outcome.size_before = outcome.size_after = report.summarize(cache_dir).total_size_bytes
-    if settings.max_age_seconds is not None:
-        _clean(cache_dir, Rules(older_than_seconds=settings.max_age_seconds), outcome)
-    if settings.max_size_bytes is not None:
-        outcome.target = target_size(settings.max_size_bytes)
-        if outcome.size_after > settings.max_size_bytes:
-            _clean(cache_dir, Rules(retain_size_bytes=outcome.target), outcome)
+    with open_ledger(cache_dir) as ledger:
+        outcome.size_before = outcome.size_after = report.summary_of(
+            report.refreshed(ledger)).total_size_bytes
+        if settings.max_age_seconds is not None:
+            _clean(ledger, Rules(older_than_seconds=settings.max_age_seconds), outcome)
+        if settings.max_size_bytes is not None:
+            outcome.target = target_size(settings.max_size_bytes)
+            if outcome.size_after > settings.max_size_bytes:
+                _clean(ledger, Rules(retain_size_bytes=outcome.target), outcome)
 
 
-def _clean(cache_dir: str, rules, outcome: _Outcome) -> None:
+def _clean(ledger, rules, outcome: _Outcome) -> None:
     """One pass through the path ``dtool cache clean`` takes: plan, then execute."""
     from . import report
-    from .api import open_ledger
 
-    plan = report.plan(cache_dir, rules, now=time.time())
-    with open_ledger(cache_dir) as ledger:
-        result = plan.execute(ledger)
+    result = report.plan_in(ledger, rules, now=time.time()).execute(ledger)
     outcome.removed += len(result.removed)
     outcome.freed += result.freed_bytes
     outcome.skipped_in_use += sum(1 for o in result.skipped if o.holders)
+    assert outcome.size_after is not None  # _measure_and_clean measured it before any pass
     outcome.size_after -= result.freed_bytes
 
 

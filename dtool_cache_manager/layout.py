@@ -120,6 +120,11 @@ def is_item_relpath(relpath) -> bool:
                 or parts[0] == META_DIRNAME)
 
 
+def user_at_host(user: str, host: str) -> str:
+    """How the ledger, the holds and every listing name a user: ``user@host``."""
+    return f"{user}@{host}"
+
+
 @dataclass(frozen=True)
 class Identity:
     """Who is accessing: recorded with every access and every hold."""
@@ -130,7 +135,7 @@ class Identity:
 
     @property
     def user_at_host(self) -> str:
-        return f"{self.user}@{self.host}"
+        return user_at_host(self.user, self.host)
 
 
 def current_identity() -> Identity:

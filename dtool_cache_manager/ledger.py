@@ -20,7 +20,8 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 from . import cachefs, diskindex, holds, journal
 from .cachefs import CacheDir
 from .errors import CacheManagerError, UnsafeCache
-from .layout import from_db, is_item_relpath, row_ok, to_db
+from .layout import (from_db, is_item_relpath, resolve_cache_dir, row_ok, to_db,
+                     user_at_host)
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +241,7 @@ class _Batch:
                            "cached item's path", rec.relpath)
             return
         hit, miss = (0, 1) if rec.miss else (1, 0)
-        self.add_accesses(f"{rec.user}@{rec.host}", rec.relpath, rec.uri, rec.uuid,
+        self.add_accesses(user_at_host(rec.user, rec.host), rec.relpath, rec.uri, rec.uuid,
                           rec.identifier, rec.scheme, rec.size, rec.mtime, int(rec.t // 3600),
                           rec.t <= self.removed_at.get(rec.relpath, float("-inf")),
                           hit, miss, rec.fetch_seconds * miss, rec.t)
@@ -306,7 +307,7 @@ class _Folding:
         defs = self.defs.setdefault(source.token, {})
         for rec in records:
             if isinstance(rec, journal.HourSection):
-                self.compact.append((source.token, f"{source.user}@{source.host}", rec))
+                self.compact.append((source.token, user_at_host(source.user, source.host), rec))
                 self.pending += rec.count
                 continue
             if isinstance(rec, journal.ItemDefinition):
@@ -829,9 +830,55 @@ class Ledger:
                     found[from_db(relpath)] = dataset
         return found
 
+    def rows_not_indexed(self) -> List[str]:
+        """Paths of rows that name no file of the disk index (written by hand, or by a
+        hostile member): the rows a refresh must check."""
+        return [from_db(r) for (r,) in self.conn.execute(
+            "SELECT relpath FROM items AS i WHERE NOT EXISTS "
+            "(SELECT 1 FROM files AS f WHERE f.relpath = i.relpath)")]
+
+    def uris_of_files(self) -> Dict[str, Tuple[str, ...]]:
+        """relpath -> every URI the file was read through, sorted."""
+        found: Dict[str, List[str]] = {}
+        for relpath, uri in self.conn.execute(
+                "SELECT relpath, uri FROM item_uris ORDER BY relpath, uri"):
+            found.setdefault(from_db(relpath), []).append(uri)
+        return {relpath: tuple(uris) for relpath, uris in found.items()}
+
     def uris_of_datasets(self) -> Dict[str, Tuple[str, ...]]:
         """dataset UUID -> every URI its items were read through."""
         return {k: tuple(v) for k, v in diskindex.uris_of_datasets(self.conn).items()}
+
+    # -- usage history, for audit -------------------------------------------------------
+
+    def usage_since(self, first_hour: Optional[int]
+                    ) -> Iterator[Tuple[str, str, str, str, int, int, int]]:
+        """(relpath, user@host, uri, uuid, hits, misses, hit bytes) summed over the hours
+        from ``first_hour`` on (None: all), one row per file, user and URI."""
+        for relpath, *rest in self.conn.execute(
+                """SELECT relpath, user, uri, uuid, sum(hits), sum(misses), sum(hit_bytes)
+                   FROM usage WHERE ? IS NULL OR hour >= ?
+                   GROUP BY relpath, user, uri, uuid""", (first_hour, first_hour)):
+            yield (from_db(relpath), *rest)
+
+    def fetch_totals_per_file(self) -> Iterator[Tuple[str, float, int]]:
+        """(relpath, fetch seconds, misses) over all history, for files ever missed."""
+        for relpath, seconds, misses in self.conn.execute(
+                """SELECT relpath, sum(fetch_seconds), sum(misses) FROM usage
+                   GROUP BY relpath HAVING sum(misses) > 0"""):
+            yield from_db(relpath), seconds, misses
+
+    def miss_totals_per_file(self) -> Iterator[Tuple[str, str, int, float]]:
+        """(relpath, uri, bytes fetched, fetch seconds) over all history of misses."""
+        for relpath, uri, miss_bytes, seconds in self.conn.execute(
+                """SELECT relpath, uri, sum(miss_bytes), sum(fetch_seconds) FROM usage
+                   WHERE misses > 0 GROUP BY relpath, uri"""):
+            yield from_db(relpath), uri, miss_bytes, seconds
+
+    def schemes(self) -> Dict[str, str]:
+        """relpath -> broker scheme, of the files the ledger knows."""
+        return {from_db(r): scheme for r, scheme in self.conn.execute(
+            "SELECT relpath, scheme FROM items")}
 
     def history_of(self, uri: str, identifier: str) -> Tuple[int, Optional[float]]:
         """(accesses, last access) of (uri, identifier) over all its recorded history, the
@@ -981,3 +1028,68 @@ def move_aside(cache: CacheDir, why: Exception) -> str:
 
 class UnsafeLedger(LedgerError, UnsafeCache):
     """The ledger's path could be swapped by a member: it is not opened at all."""
+
+
+# -- opening, with recovery --------------------------------------------------------------
+
+
+@contextmanager
+def open_ledger(cache_dir: Optional[str] = None) -> Iterator[Ledger]:
+    """The ledger with every journal folded in.
+
+    If we may not write it (a read-only member of a shared cache) or cannot (a full disk),
+    the journals are folded into a private in-memory copy instead, with a warning for the
+    latter.  A ledger found damaged while folding is moved aside and rebuilt.  Where the
+    ledger could be swapped by a member (see ``docs/security.rst``), raises
+    :class:`~dtool_cache_manager.errors.UnsafeCache` with a one-line reason.
+    """
+    path = resolve_cache_dir(cache_dir)
+    cache = cachefs.open_cache(path, repair=True) if os.path.isdir(path) \
+        else cachefs.absent(path)
+    try:
+        ledger = _open(cache, readonly=not _writable(cache))
+    except BaseException:
+        cache.close()
+        raise
+    try:
+        yield ledger
+    finally:
+        ledger.close()
+        cache.close()
+
+
+def _open(cache: cachefs.CacheDir, readonly: bool) -> Ledger:
+    try:
+        ledger = Ledger(cache, readonly=readonly)
+    except UnsafeLedger:
+        raise
+    except LedgerError as exc:
+        if readonly:
+            raise
+        if cache.can_write_meta or "readonly" not in str(exc):
+            logger.warning("dtool-cache-manager: %s; showing a read-only view", exc)
+        return _open(cache, readonly=True)
+    try:
+        ledger.compact()
+    except sqlite3.DatabaseError as exc:
+        ledger.close()
+        if readonly:
+            raise LedgerError(f"cannot read ledger {cache.ledger_path}: {exc}") from exc
+        if not is_corruption(exc):  # e.g. a full disk
+            logger.warning("dtool-cache-manager: could not fold the journals into %s (%s); "
+                           "figures may lag until it can be written", cache.ledger_path, exc)
+            return _open(cache, readonly=True)
+        move_aside(cache, exc)
+        ledger = Ledger(cache)
+        ledger.compact()
+    return ledger
+
+
+def _writable(cache: cachefs.CacheDir) -> bool:
+    """May we write the ledger?  Its owner may; a member may write an existing one."""
+    if cache.meta_fd is None:
+        return False
+    if cache.can_write_meta:
+        return True
+    st = cachefs.entry_stat(cache.meta_fd, cachefs.LEDGER)
+    return st is not None and os.access(cache.ledger_path, os.W_OK)

@@ -14,7 +14,7 @@ import logging
 import sys
 import threading
 import types
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import pluggy
 
@@ -50,25 +50,22 @@ def dispatch() -> "Dispatch":
     return _dispatch
 
 
+_on_change: List[Callable[[], None]] = []  # who keeps a Dispatch: told to drop it
+
+
+def on_change(callback: Callable[[], None]) -> None:
+    """Call ``callback`` whenever :func:`register` changes the registry (the host keeps the
+    dispatch in a global for speed; this module never imports the host)."""
+    _on_change.append(callback)
+
+
 def register(plugin: Any, name: Optional[str] = None) -> None:
     """Register a plugin at run time (entry points are found automatically)."""
     global _dispatch
     manager().register(plugin, name=name)
     _dispatch = None
-    _forget_host_dispatch()
-
-
-def reset() -> None:
-    """Forget the manager, so the next access rediscovers entry points (for tests)."""
-    global _manager, _dispatch
-    _manager = _dispatch = None
-    _forget_host_dispatch()
-
-
-def _forget_host_dispatch() -> None:
-    from . import host
-
-    host._dispatch = None
+    for callback in _on_change:
+        callback()
 
 
 class Dispatch:
@@ -97,15 +94,15 @@ class Dispatch:
         impls = hook_caller.get_hookimpls()
         if any(i.hookwrapper or i.wrapper for i in impls):
             return lambda *args: hook_caller(**dict(zip(params, args)))
-        calls = []
+        found = []
         for impl in reversed(impls):  # pluggy calls the last registered first
             names = tuple(impl.argnames)
             if names == params:
-                calls.append(impl.function)
+                found.append(impl.function)
             else:
                 index = [params.index(n) for n in names]
-                calls.append(functools.partial(_call_subset, impl.function, index))
-        calls = tuple(calls)
+                found.append(functools.partial(_call_subset, impl.function, index))
+        calls = tuple(found)
         if len(calls) == 1:  # ours alone, the usual case: no loop around it
             return calls[0]
 

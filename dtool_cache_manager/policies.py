@@ -67,6 +67,13 @@ class Rules:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
 
     @property
+    def in_lru_order(self) -> bool:
+        """True when the selection only needs the candidates in ``lru`` order (as an index
+        can stream them): the ``lru`` policy, or no size to retain (the policy then decides
+        nothing)."""
+        return self.policy == "lru" or self.remove_all or self.retain_size_bytes is None
+
+    @property
     def empty(self) -> bool:
         """True when no rule is set, so the caller must supply its default."""
         return not self.remove_all and (self.older_than_seconds is None
@@ -184,8 +191,9 @@ def select(candidates: Sequence[Candidate], rules: Rules, now: float) -> Selecti
     if rules.empty:
         return Selection((), ())
     total = sum(c.size_bytes for c in candidates)
-    if rules.policy == "lru" or rules.remove_all or rules.retain_size_bytes is None:
+    if rules.in_lru_order:
         return select_in_lru_order(lru_order(candidates, now), total, rules, now)
+    assert rules.retain_size_bytes is not None  # else in_lru_order would have been True
     matched = [c for c in lru_order(candidates, now) if _matches_filters(c, rules, now)]
     fallback = rules.fallback_seconds_per_byte
     if rules.policy == "cost" and fallback is None:
@@ -204,11 +212,12 @@ def select_in_lru_order(ordered: Iterable[Candidate], total_bytes: int, rules: R
     """
     if rules.empty:
         return Selection((), ())
-    if not (rules.policy == "lru" or rules.remove_all or rules.retain_size_bytes is None):
+    if not rules.in_lru_order:
         raise ValueError("select_in_lru_order orders by lru only")
     matched = ordered if rules.remove_all else _filtered_in_lru_order(ordered, rules, now)
     if rules.remove_all or rules.retain_size_bytes is None:
-        remove, held = [], []
+        remove: List[Candidate] = []
+        held: List[Candidate] = []
         for c in matched:
             (held if c.in_use else remove).append(c)
         return Selection(tuple(remove), tuple(held))

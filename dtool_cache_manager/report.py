@@ -17,16 +17,15 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, cast
 
 from . import cachefs, diskindex
-from .api import open_ledger
 from .cachefs import CacheDir
 from .diskindex import IndexedFile
 from .executor import CleanPlan, PlannedRemoval, forget_vanished, partial_is_stale
 from .holds import Holder, HoldsSnapshot, live_holds
 from .layout import is_item_relpath, sanitise_uri
-from .ledger import ItemRow, Ledger, from_db, to_db
+from .ledger import ItemRow, Ledger, open_ledger
 from .params import BadInput
 from .policies import Candidate, Rules, Selection, lru_key, select, select_in_lru_order
 
@@ -69,13 +68,6 @@ class ItemView:
     @property
     def last_access(self) -> Optional[float]:
         return self.row.last_access if self.row else None
-
-    @property
-    def last_use_estimate(self) -> float:
-        """Last access, or for untracked files the later of atime and mtime (all we have)."""
-        if self.row and self.row.last_access:
-            return self.row.last_access
-        return max(self.file.atime, self.file.mtime)
 
     @property
     def dataset_key(self) -> str:
@@ -142,48 +134,53 @@ def reporting_progress(callback: Callable[[int], None]) -> Iterator[None]:
 
 @contextmanager
 def indexed(cache_dir: str, full_rescan: bool = False) -> Iterator[Indexed]:
-    """The ledger with its disk index brought up to date and rows of vanished files dropped
-    (forgotten under their gates, never while held).
+    """The ledger (opened, and journals folded, once) with its disk index brought up to
+    date: see :func:`refreshed`."""
+    with open_ledger(cache_dir) as ledger:
+        yield refreshed(ledger, full_rescan)
+
+
+def refreshed(ledger: Ledger, full_rescan: bool = False) -> Indexed:
+    """``ledger`` with its disk index brought up to date and rows of vanished files dropped
+    (forgotten under their gates, never while held).  Again after a clean, the scan only
+    checks the directories it changed.
 
     Rows the index never saw (written into the ledger by hand, or by a hostile member) show
     as more rows than tracked files; only then are all rows compared with the index.
     """
-    with open_ledger(cache_dir) as ledger:
-        result = Indexed(ledger, 0, [])
-        conn = ledger.conn
-        refreshed = diskindex.refresh(conn, ledger.cache, full=full_rescan,
-                                      progress=_progress.get())
-        suspects = list(refreshed.vanished)
-        if ledger.row_count() > diskindex.count_tracked(conn):
-            suspects += [from_db(r) for (r,) in conn.execute(
-                "SELECT relpath FROM items AS i WHERE NOT EXISTS "
-                "(SELECT 1 FROM files AS f WHERE f.relpath = i.relpath)")]
-        rows = [row for row in map(ledger.item, sorted(set(suspects))) if row is not None]
-        result.dropped += [(row.relpath, STRAY_ROW) for row in rows
-                           if not is_item_relpath(row.relpath)]
-        if rows and not ledger.readonly:
-            result.forgotten += _reconcile(ledger, rows)
-        yield result
+    result = Indexed(ledger, 0, [])
+    conn = ledger.conn
+    refresh = diskindex.refresh(conn, ledger.cache, full=full_rescan, progress=_progress.get())
+    suspects = list(refresh.vanished)
+    if ledger.row_count() > diskindex.count_tracked(conn):
+        suspects += ledger.rows_not_indexed()
+    rows = [row for row in map(ledger.item, sorted(set(suspects))) if row is not None]
+    result.dropped += [(row.relpath, STRAY_ROW) for row in rows
+                       if not is_item_relpath(row.relpath)]
+    if rows and not ledger.readonly:
+        result.forgotten += _reconcile(ledger, rows)
+    return result
 
 
 def inventory(cache_dir: str, dataset: Optional[str] = None) -> Inventory:
-    """Everything in ``cache_dir``, optionally only one dataset's items (URI or UUID).
-
-    Builds a view of every file: the general path, for what the index cannot answer alone.
-    """
+    """Everything in ``cache_dir``, optionally only one dataset's items (URI or UUID)."""
     with indexed(cache_dir) as index:
-        ledger, conn = index.ledger, index.conn
-        holds = live_holds(index.cache)
-        files = diskindex.all_files(conn)
-        on_disk = {f.relpath for f in files}
-        rows = {row.relpath: row for row in ledger.items() if row.relpath in on_disk}
-        skipped = [s for d in diskindex.dir_totals(conn) for s in d.skipped] + index.dropped
-        uris: Dict[str, List[str]] = {}
-        for relpath, uri in conn.execute("SELECT relpath, uri FROM item_uris "
-                                         "ORDER BY relpath, uri"):
-            uris.setdefault(from_db(relpath), []).append(uri)
-        partials = tuple(diskindex.partials(conn))
-        lost = ledger.lost_records()
+        return inventory_of(index, dataset)
+
+
+def inventory_of(index: Indexed, dataset: Optional[str] = None) -> Inventory:
+    """:func:`inventory` from an open, refreshed ledger.  Builds a view of every file: the
+    general path, for what the index cannot answer alone."""
+    cache_dir = index.cache.path
+    ledger, conn = index.ledger, index.conn
+    holds = live_holds(index.cache)
+    files = diskindex.all_files(conn)
+    on_disk = {f.relpath for f in files}
+    rows = {row.relpath: row for row in ledger.items() if row.relpath in on_disk}
+    skipped = [s for d in diskindex.dir_totals(conn) for s in d.skipped] + index.dropped
+    uris = ledger.uris_of_files()
+    partials = tuple(diskindex.partials(conn))
+    lost = ledger.lost_records()
     dir_uuid = {os.path.dirname(r): row.uuid for r, row in rows.items()}
     items = tuple(ItemView(f, rows.get(f.relpath), tuple(uris.get(f.relpath, ())),
                            holds.holders_of(f.relpath), dir_uuid.get(os.path.dirname(f.relpath)))
@@ -250,9 +247,8 @@ def _views(ledger: Ledger, files: Sequence[IndexedFile], holds) -> List[ItemView
         row = ledger.item(f.relpath)
         neighbour = None
         if row is None:
-            d = ledger.conn.execute("SELECT dataset FROM dirs WHERE relpath = ?",
-                                    (to_db(os.path.dirname(f.relpath)),)).fetchone()
-            neighbour = d[0] if d and isinstance(d[0], str) and d[0] != "*" else None
+            neighbour = ledger.datasets_of_dirs([os.path.dirname(f.relpath)]).get(
+                os.path.dirname(f.relpath))
         views.append(ItemView(f, row, tuple(ledger.uris_of(f.relpath)) if row else (),
                               holds.holders_of(f.relpath), neighbour))
     return views
@@ -300,16 +296,22 @@ class Summary:
 
 
 def summarize(cache_dir: str, now: Optional[float] = None, full_rescan: bool = False) -> Summary:
+    """``dtool cache summary``: :func:`summary_of` a ledger opened for it."""
+    with indexed(cache_dir, full_rescan) as index:
+        return summary_of(index, now)
+
+
+def summary_of(index: Indexed, now: Optional[float] = None) -> Summary:
     """From the disk index's per-directory totals: no walk, no per-file work."""
     now = time.time() if now is None else now
-    with indexed(cache_dir, full_rescan) as index:
-        ledger, conn = index.ledger, index.conn
-        dirs = diskindex.dir_totals(conn)
-        groups = diskindex.dataset_groups(conn, dirs)
-        uris = diskindex.uris_of_datasets(conn)
-        recent = [diskindex.count_accessed_since(conn, now - limit) for _, limit in AGE_BUCKETS]
-        held = _held_files(conn, live_holds(index.cache))
-        lost = ledger.lost_records()
+    cache_dir = index.cache.path
+    ledger, conn = index.ledger, index.conn
+    dirs = diskindex.dir_totals(conn)
+    groups = diskindex.dataset_groups(conn, dirs)
+    uris = diskindex.uris_of_datasets(conn)
+    recent = [diskindex.count_accessed_since(conn, now - limit) for _, limit in AGE_BUCKETS]
+    held = _held_files(conn, live_holds(index.cache))
+    lost = ledger.lost_records()
     num_items = sum(d.num_files for d in dirs)
     num_untracked = sum(d.num_untracked for d in dirs)
     ages = {name: n - previous
@@ -343,16 +345,6 @@ def summarize(cache_dir: str, now: Optional[float] = None, full_rescan: bool = F
         datasets=datasets,
         lost_records=lost,
     )
-
-
-def _age_bucket(last_access: Optional[float], now: float) -> str:
-    if last_access is None:
-        return "never tracked"
-    age = now - last_access
-    for name, limit in AGE_BUCKETS:
-        if age < limit:
-            return name
-    return "older"
 
 
 # -- ls --------------------------------------------------------------------------------
@@ -417,12 +409,11 @@ class Naming:
     uris: Dict[str, Tuple[str, ...]]  # dataset key -> every URI it was read through
 
 
-def naming(cache_dir: str, relpaths: Sequence[str]) -> Naming:
-    with open_ledger(cache_dir) as ledger:
-        names = ledger.names_of(relpaths)
-        untracked_dirs = sorted({os.path.dirname(r) for r in relpaths if r not in names})
-        dir_datasets = ledger.datasets_of_dirs(untracked_dirs)
-        uris = ledger.uris_of_datasets()
+def naming(ledger: Ledger, relpaths: Sequence[str]) -> Naming:
+    names = ledger.names_of(relpaths)
+    untracked_dirs = sorted({os.path.dirname(r) for r in relpaths if r not in names})
+    dir_datasets = ledger.datasets_of_dirs(untracked_dirs)
+    uris = ledger.uris_of_datasets()
     files = {}
     for relpath in relpaths:
         if relpath in names:
@@ -450,24 +441,32 @@ def plan_clean(inv: Inventory, rules: Rules, now: Optional[float] = None) -> Cle
 
 def plan(cache_dir: str, rules: Rules, dataset: Optional[str] = None,
          now: Optional[float] = None) -> CleanPlan:
-    """:func:`plan_clean` for ``dtool cache clean``: the ``lru`` order is read from the
-    index, only as far as the rules need; other policies and ``--dataset`` need every row."""
-    if dataset is not None or not (rules.policy == "lru" or rules.remove_all
-                                   or rules.retain_size_bytes is None):
-        return plan_clean(inventory(cache_dir, dataset), rules, now)
+    """:func:`plan_in` a ledger opened for it."""
+    with open_ledger(cache_dir) as ledger:
+        return plan_in(ledger, rules, dataset, now)
+
+
+def plan_in(ledger: Ledger, rules: Rules, dataset: Optional[str] = None,
+            now: Optional[float] = None) -> CleanPlan:
+    """:func:`plan_clean` for ``dtool cache clean``, on the open ``ledger`` (its index
+    refreshed first): the ``lru`` order is read from the index, only as far as the rules
+    need; other policies and ``--dataset`` need every row."""
+    index = refreshed(ledger)
+    if dataset is not None or not rules.in_lru_order:
+        return plan_clean(inventory_of(index, dataset), rules, now)
     now = time.time() if now is None else now
-    with indexed(cache_dir) as index:
-        conn = index.conn
-        dirs = diskindex.dir_totals(conn)
-        held = _held_files(conn, live_holds(index.cache))
+    cache_dir = index.cache.path
+    conn = index.conn
+    dirs = diskindex.dir_totals(conn)
+    held = _held_files(conn, live_holds(index.cache))
 
-        def stream() -> Iterator[Candidate]:
-            for relpath, size_bytes, last_use, access_count in diskindex.in_lru_order(conn):
-                yield Candidate(relpath, size_bytes, last_use, access_count, relpath in held)
+    def stream() -> Iterator[Candidate]:
+        for relpath, size_bytes, last_use, access_count in diskindex.in_lru_order(conn):
+            yield Candidate(relpath, size_bytes, last_use, access_count, relpath in held)
 
-        selection = select_in_lru_order(_lru_groups(stream(), now),
-                                        sum(d.file_bytes for d in dirs), rules, now)
-        stale = _stale_partials(index.cache, diskindex.partials(conn))
+    selection = select_in_lru_order(_lru_groups(stream(), now),
+                                    sum(d.file_bytes for d in dirs), rules, now)
+    stale = _stale_partials(index.cache, diskindex.partials(conn))
     skipped = tuple((c.relpath, held[c.relpath][1]) for c in selection.skipped_in_use)
     return _plan(cache_dir, selection, skipped, stale,
                  tuple(sorted([s for d in dirs for s in d.skipped] + index.dropped)))
@@ -485,7 +484,8 @@ def _candidate(f: IndexedFile, in_use: bool, row: Optional[ItemRow] = None) -> C
 def _lru_groups(stream: Iterable[Candidate], now: float) -> Iterator[Candidate]:
     """The index orders by last use alone; put each run of equal keys in full ``lru`` order
     (larger first, then by path), as :func:`policies.lru_key` does."""
-    for _, group in itertools.groupby(stream, key=lambda c: min(c.last_access, now)):
+    # The index's candidates always carry their last use (diskindex.last_use_of), never None.
+    for _, group in itertools.groupby(stream, key=lambda c: min(cast(float, c.last_access), now)):
         yield from sorted(group, key=lambda c: lru_key(c, now))
 
 

@@ -114,7 +114,7 @@ def locate(key: str, environ: Optional[Mapping[str, str]] = None,
     """(text, source) of ``key``, unparsed: environment, then config file, then default.
     An empty environment variable counts as unset there (``DTOOL_CACHE_MAX_SIZE= cmd``)."""
     environ = os.environ if environ is None else environ
-    text = environ.get(check_key(key), "").strip()
+    text: Optional[str] = environ.get(check_key(key), "").strip()
     if text:
         return text, ENV
     text = read_config_text(key, path)
@@ -159,6 +159,7 @@ def load(environ: Optional[Mapping[str, str]] = None,
     path = path or config_path()
     entries = tuple(find(key, environ, path) for key in KEYS)
     size, age, interval = (e.value for e in entries)
+    assert interval is not None  # INTERVAL has a default, so find() always gives a value
     return HousekeepingSettings(
         max_size_bytes=None if size is None else int(size),
         max_age_seconds=None if age is None else float(age),

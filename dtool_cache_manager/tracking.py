@@ -101,7 +101,7 @@ def session_for(cache_dir: str) -> Optional[ProcessSession]:
 
 def _current_scope(holds: HoldsFile) -> Optional[Set[HoldKey]]:
     """The innermost scope's keys for ``holds``, or None outside any scope."""
-    stack: List[Dict[HoldsFile, Set[HoldKey]]] = getattr(_scopes, "stack", None)
+    stack: Optional[List[Dict[HoldsFile, Set[HoldKey]]]] = getattr(_scopes, "stack", None)
     return stack[-1].setdefault(holds, set()) if stack else None
 
 
@@ -135,6 +135,7 @@ def pre_item_content_abspath(uri, identifier):
         access = current_access()
         if access is None or access.plan is None:
             return
+        assert access.placement.cache_dir is not None  # a plan exists only for a caching broker
         session = _sessions.get(access.placement.cache_dir) or session_for(
             access.placement.cache_dir)
         if session is None:
@@ -156,8 +157,9 @@ def pre_item_content_abspath(uri, identifier):
 def post_item_content_abspath(uri, identifier, abspath):
     try:
         access = current_access()
-        if access is None or access.relpath is None:
-            return
+        if access is None or access.relpath is None or access.placement.cache_dir is None:
+            return  # no cache_dir: no session either
+        assert access.plan is not None  # host._observe sets relpath only for a planned item
         session = _sessions.get(access.placement.cache_dir)
         if session is None:
             return
@@ -224,8 +226,8 @@ def record_warm_hit(state: ItemState) -> None:
         _warn("could not record the access", exc)
 
 
-pre_item_content_abspath.guards_itself = True
-post_item_content_abspath.guards_itself = True
+setattr(pre_item_content_abspath, "guards_itself", True)
+setattr(post_item_content_abspath, "guards_itself", True)
 # Both hooks alone may be bypassed for a warm hit: see plugins.Dispatch (one object, so that
 # it can tell that both offer the same shortcut).
 WARM_HITS = (known_warm_hit, record_warm_hit)

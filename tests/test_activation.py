@@ -79,6 +79,22 @@ def test_disable_env_turns_everything_off(http_dataset, cache_dir, make_env):
     assert dcm.num_times_accessed(ds.uri, ident, cache_dir=str(cache_dir)) == 0
 
 
+def test_set_enabled_switches_tracking_at_run_time(http_dataset, cache_dir, make_env):
+    """host.set_enabled(False) leaves accesses untracked until set_enabled(True)."""
+    ds = http_dataset(ITEMS)
+    ident = ds.identifiers["a.txt"]
+    code = THREE_ACCESSES.replace("for _ in range(3):", """from dtool_cache_manager import host
+host.set_enabled(False)
+print(ds.item_content_abspath(sys.argv[2]))
+host.set_enabled(True)
+for _ in range(2):""")
+    result = subprocess.run([sys.executable, "-c", code, ds.uri, ident],
+                            env=make_env(cache_dir), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert dcm.num_times_accessed(ds.uri, ident, cache_dir=str(cache_dir)) == 2
+
+
 def test_file_datasets_are_not_cache_items(tmp_path, cache_dir, make_env):
     from support.datasets import item_identifier, make_local_dataset
 

@@ -16,6 +16,7 @@ from dtool_cache_manager.audit import AuditRow, audit, totals
 from dtool_cache_manager.layout import current_identity
 from dtool_cache_manager.verify import verify
 from support.datasets import file_md5_hex
+from support.users import HoldingChild
 
 ACCESS = """
 import sys, dtoolcore
@@ -23,12 +24,6 @@ ds = dtoolcore.DataSet.from_uri(sys.argv[1])
 [ds.item_content_abspath(i) for i in sys.argv[2:]]
 """
 
-HOLD_AND_WAIT = """
-import sys, dtoolcore
-ds = dtoolcore.DataSet.from_uri(sys.argv[1])
-print(ds.item_content_abspath(sys.argv[2]), flush=True)
-sys.stdin.readline()
-"""
 
 
 def _access(ds, relpaths, env):
@@ -37,15 +32,6 @@ def _access(ds, relpaths, env):
     proc = subprocess.run([sys.executable, "-c", ACCESS, ds.uri, *ids], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-
-
-def _start_holder(ds, relpath, env):
-    argv = [sys.executable, "-c", HOLD_AND_WAIT, ds.uri, ds.identifiers[relpath]]
-    proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True)
-    path = proc.stdout.readline().strip()
-    assert os.path.isfile(path)
-    return proc
 
 
 def _row(ledger, ds, relpath):
@@ -215,8 +201,8 @@ def test_verify_finds_and_fixes_damage(http_dataset, cache_dir, make_env):
     _access(ds, names, env)
     rel = {name: _relpath(ds, cache_dir, name) for name in names}
     path = {name: ds.cache_path(cache_dir, name) for name in names}
-    holder = _start_holder(ds, "held.bin", env)  # takes its hold on a good file (a hit)
-    try:
+    # It takes its hold on a good file (a hit).
+    with HoldingChild(None, ds.uri, [ds.identifiers["held.bin"]], env) as holder:
         os.truncate(path["trunc.bin"], 50_000)
         os.truncate(path["held.bin"], 10)
         with open(path["flip.bin"], "r+b") as fh:  # same size, one byte changed
@@ -231,9 +217,7 @@ def test_verify_finds_and_fixes_damage(http_dataset, cache_dir, make_env):
             assert all(p.is_file() for n, p in path.items() if n != "gone.bin")
             fixed = {r.relpath: r for r in verify(ledger, check_hash=True, fix=True)}
             remaining = {r.relpath for r in ledger.items()}
-    finally:
-        holder.communicate("\n")
-    assert holder.returncode == 0
+        holder.finish()
 
     assert _statuses(plain) == {rel["trunc.bin"]: "wrong size", rel["flip.bin"]: "ok",
                                 rel["held.bin"]: "wrong size", rel["gone.bin"]: "missing",

@@ -259,28 +259,17 @@ def test_each_rule_removes_exactly_the_expected_set(args, model, fifty_item_cach
 
 # -- in use, untracked, vanished -------------------------------------------------------
 
-HOLDER = """
-import sys, dtoolcore
-ds = dtoolcore.DataSet.from_uri(sys.argv[1])
-print(ds.item_content_abspath(sys.argv[2]), flush=True)
-sys.stdin.readline()
-"""
-
-
 def test_clean_all_keeps_what_a_live_process_holds(http_dataset, cache_dir, make_env):
     ds = http_dataset({f"f{i}.txt": b"x" * (100 + i) for i in range(5)})
     env = make_env(cache_dir)
     for ident in ds.identifiers.values():
         fetch(ds.uri, ident, env)
     held = ds.identifiers["f2.txt"]
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, ds.uri, held], env=env,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        held_path = holder.stdout.readline().strip()
+    with HoldingChild(None, ds.uri, [held], env) as holder:
+        (held_path,) = holder.paths
         result = json.loads(dtool_cache("clean", "--all", "--yes", "--json", env=env).stdout)
         text = dtool_cache("clean", "--all", "--yes", env=env).stdout
-    finally:
-        holder.communicate("\n")
+        holder.finish()
     relpath = os.path.relpath(held_path, cache_dir)
     assert len(result["removed"]) == 4 and relpath not in result["removed"]
     me = f"{pwd.getpwuid(os.geteuid()).pw_name}@{socket.gethostname()}"
@@ -535,3 +524,36 @@ def test_format_json_is_json_and_contradictions_are_refused(command, http_datase
     assert refused.returncode == 2 and refused.stdout == ""
     assert refused.stderr.splitlines() == ["Error: --json and --format table contradict "
                                            "each other"]
+
+
+def test_a_clean_and_an_autoclean_open_the_ledger_once(http_dataset, cache_dir, make_env,
+                                                      monkeypatch):
+    """Opening the ledger folds every journal: a clean (plan, names, execute) and an
+    autoclean with both limits (measure, expire, trim) each do it once."""
+    from click.testing import CliRunner
+
+    from dtool_cache_manager import cli, housekeeping, ledger, settings
+
+    ds = http_dataset({f"f{i}.txt": b"x" * 1000 for i in range(6)})
+    env = make_env(cache_dir)
+    for ident in ds.identifiers.values():
+        fetch(ds.uri, ident, env)
+    opened = []
+    real_init = ledger.Ledger.__init__
+
+    def counting_init(self, *args, **kwargs):
+        opened.append(args)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(ledger.Ledger, "__init__", counting_init)
+    result = CliRunner().invoke(cli.cache, ["clean", "--retain-size", "4000", "--yes",
+                                            "--cache-dir", str(cache_dir)])
+    assert result.exit_code == 0, result.output
+    assert "Removed 2 files" in result.output and len(opened) == 1
+
+    opened.clear()
+    limits = settings.load({settings.MAX_SIZE: "3000", settings.MAX_AGE: "1d"},
+                           str(cache_dir.parent / "no-config.json"))
+    outcome = housekeeping._Outcome()
+    housekeeping._measure_and_clean(str(cache_dir), limits, outcome)
+    assert (outcome.size_before, outcome.size_after, len(opened)) == (4000, 2000, 1)

@@ -17,6 +17,7 @@ import dtool_cache_manager as dcm
 from dtool_cache_manager import report
 from dtool_cache_manager.policies import Rules
 from support.datasets import file_md5_hex
+from support.users import HoldingChild
 from support.procs import BARRIER, Children
 
 pytestmark = pytest.mark.slow
@@ -48,29 +49,13 @@ def test_eight_processes_count_exactly(http_dataset, cache_dir, make_env):
     assert os.listdir(cache_dir / ".dtool-cache-manager" / "journal") == []
 
 
-HOLD_AND_WAIT = """
-import sys, dtoolcore
-ds = dtoolcore.DataSet.from_uri(sys.argv[1])
-print(ds.item_content_abspath(sys.argv[2]), flush=True)
-sys.stdin.readline()
-"""
-
-
-def _start_holder(uri, identifier, env):
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_AND_WAIT, uri, identifier], env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    path = proc.stdout.readline().strip()
-    assert os.path.isfile(path)
-    return proc, path
-
-
 def test_sigkill_releases_holds_at_once(http_dataset, cache_dir, make_env):
     ds = http_dataset({"x.txt": b"x" * 100})
     ident = ds.identifiers["x.txt"]
-    proc, _ = _start_holder(ds.uri, ident, make_env(cache_dir))
+    holder = HoldingChild(None, ds.uri, [ident], make_env(cache_dir))
     assert dcm.cache_item_lock_counter(ds.uri, ident) == 1
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    holder.proc.send_signal(signal.SIGKILL)
+    holder.proc.wait()
     assert dcm.cache_item_lock_counter(ds.uri, ident) == 0
     # The dead process's holds file was reaped by that very check.
     assert os.listdir(cache_dir / ".dtool-cache-manager" / "holds") == []
@@ -79,13 +64,11 @@ def test_sigkill_releases_holds_at_once(http_dataset, cache_dir, make_env):
 def test_live_holder_blocks_removal(http_dataset, cache_dir, make_env):
     ds = http_dataset({"x.txt": b"x" * 100})
     ident = ds.identifiers["x.txt"]
-    proc, path = _start_holder(ds.uri, ident, make_env(cache_dir))
-    try:
+    with HoldingChild(None, ds.uri, [ident], make_env(cache_dir)) as holder:
+        (path,) = holder.paths
         assert dcm.remove_cache_item_safely(ds.uri, ident) is False
         assert os.path.isfile(path)
-    finally:
-        proc.communicate("\n")
-    assert proc.returncode == 0
+        holder.finish()
     assert dcm.cache_item_lock_counter(ds.uri, ident) == 0
     last = dcm.last_time_accessed(ds.uri, ident)
     assert dcm.remove_cache_item_safely(ds.uri, ident) is True
@@ -105,12 +88,11 @@ def test_live_holder_blocks_removal(http_dataset, cache_dir, make_env):
 def test_two_holders_are_counted(http_dataset, cache_dir, make_env):
     ds = http_dataset({"x.txt": b"x" * 100})
     ident = ds.identifiers["x.txt"]
-    holders = [_start_holder(ds.uri, ident, make_env(cache_dir))[0] for _ in range(2)]
+    holders = [HoldingChild(None, ds.uri, [ident], make_env(cache_dir)) for _ in range(2)]
     assert dcm.cache_item_lock_counter(ds.uri, ident) == 2
-    holders[0].communicate("\n")
+    holders[0].finish()
     assert dcm.cache_item_lock_counter(ds.uri, ident) == 1
     holders[1].kill()
-    holders[1].wait()
     assert dcm.cache_item_lock_counter(ds.uri, ident) == 0
 
 

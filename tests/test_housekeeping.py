@@ -20,6 +20,7 @@ from dtool_cache_manager import settings as st
 from dtool_cache_manager import cachefs
 from support import disk_files
 from support.datasets import file_md5_hex
+from support.users import HoldingChild
 
 KB = 1000
 META = ".dtool-cache-manager"
@@ -37,14 +38,6 @@ for identifier in sys.argv[2:]:
         latency = time.perf_counter() - t0
     print(json.dumps({"pid": os.getpid(), "path": path, "returned": time.time(),
                       "latency": latency}), flush=True)
-"""
-
-# Accesses one item, says where it is, and keeps it in use until told to go.
-HOLDER = """
-import sys, dtoolcore
-ds = dtoolcore.DataSet.from_uri(sys.argv[1])
-print(ds.item_content_abspath(sys.argv[2]), flush=True)
-sys.stdin.readline()
 """
 
 # Holds an item's gate shared, as an access does while it takes its hold: a removal of that
@@ -144,12 +137,10 @@ def test_over_the_limit_a_background_clean_keeps_held_items(http_dataset, cache_
 
     # A live process holds the oldest item.  Its miss is the first with a limit set, so it
     # starts a run that only measures the cache (10 KB, under the limit).
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, ds.uri, ids[0]], env=env,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = HoldingChild(None, ds.uri, [ids[0]], env)
+    (held_path,) = holder.paths
     gate = None
     try:
-        held_path = holder.stdout.readline().strip()
-        assert held_path, "the holder could not access its item"
         wait_for_autoclean(cache_dir)
         (first,) = log_entries(cache_dir)
         assert (first["trigger"], first["triggered_by"]) == ("unmeasured", holder.pid)
@@ -178,7 +169,7 @@ def test_over_the_limit_a_background_clean_keeps_held_items(http_dataset, cache_
         disk = disk_files(cache_dir)
         held_relpath = os.path.relpath(held_path, cache_dir)
     finally:
-        holder.communicate("\n", timeout=60)
+        holder.finish()
 
     assert sum(disk.values()) < 50 * KB
     assert held_relpath in disk and file_md5_hex(held_path) == ds.md5[ids[0]]

@@ -134,3 +134,34 @@ def test_a_repeated_hit_skips_the_hooks_only_while_ours_are_alone():
 
     pm.register(Observer())
     assert plugins.Dispatch(pm).warm_hits is None
+
+
+def test_a_plugin_registered_at_run_time_sees_the_next_access(http_dataset, cache_dir,
+                                                              make_env):
+    """plugins.register() makes the host build its dispatch again (plugins never imports
+    the host: it tells it through on_change)."""
+    ds = http_dataset({"a.txt": b"abc"})
+    code = textwrap.dedent("""
+        import sys, dtoolcore
+        from dtool_cache_manager import plugins
+        from dtool_cache_manager.hookspecs import hookimpl
+        seen = []
+
+        class Late:
+            @hookimpl
+            def post_item_content_abspath(self, identifier):
+                seen.append(identifier)
+
+        ds = dtoolcore.DataSet.from_uri(sys.argv[1])
+        ds.item_content_abspath(sys.argv[2])
+        ds.item_content_abspath(sys.argv[2])  # a repeated hit: the shortcut, no hooks
+        plugins.register(Late())
+        ds.item_content_abspath(sys.argv[2])
+        print(seen)
+    """)
+    ident = ds.identifiers["a.txt"]
+    result = subprocess.run([sys.executable, "-c", code, ds.uri, ident],
+                            env=make_env(cache_dir), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str([ident])]
