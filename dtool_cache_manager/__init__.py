@@ -1,7 +1,7 @@
 """dtool-cache-manager: usage tracking, in-use holds and safe cleaning for the dtool cache.
 
-The specification's API is importable from here; it loads lazily, so that the ``dtool --version``
-scan of plugins and the activation entry point stay cheap.
+The specification's API is importable from here; it loads lazily, so that the
+``dtool --version`` scan of plugins and the activation entry point stay cheap.
 """
 
 __version__ = "0.1.0"

@@ -12,10 +12,11 @@ import datetime as _dt
 import time
 from typing import List, Optional, Tuple
 
-from . import diskindex, executor
+from . import executor
+from .store import diskindex
 from .holds import live_holds
 from .layout import resolve_cache_dir, sanitise_uri
-from .ledger import open_ledger
+from .store.ledger import open_ledger
 
 
 def _check_item(uri: str, identifier: str) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Iterable, Optional, Set, Tuple
 
-from .ledger import Ledger
+from .store.ledger import Ledger
 
 GROUPINGS = ("user", "dataset", "item")
 

@@ -15,10 +15,10 @@ from contextlib import contextmanager
 
 import click
 
-from . import __version__, audit as audit_mod, formatting, housekeeping, report
+from . import __version__, audit as audit_mod, formatting, housekeeping, planning, report
 from . import settings as settings_mod
-from .ledger import open_ledger
-from .errors import CacheManagerError
+from .store.ledger import open_ledger
+from .errors import CacheManagerError, InvalidInput
 from .layout import resolve_cache_dir
 from .params import AGE, SIZE, BadInput
 from .policies import POLICIES, Rules
@@ -121,7 +121,7 @@ def summary(cache_dir, as_json, rescan):
 @click.option("--untracked", is_flag=True, help="Only files no hook has seen.")
 def ls(cache_dir, as_json, dataset, sort, limit, in_use, untracked):
     """List cached items with their usage."""
-    report.parse_sort(sort)  # bad input fails before any work
+    _guarded(report.parse_sort, sort)  # bad input fails before any work
     _check_dataset(dataset)
     items = _guarded(report.list_cached, _cache_directory(cache_dir), sort, limit, in_use,
                      untracked, dataset)
@@ -178,8 +178,8 @@ def clean(cache_dir, as_json, dataset, remove_all, older_than, retain_size,
         raise BadInput("refusing to remove files without confirmation: pass --yes "
                        "(or --dry-run to see the plan)")
     with _ledger(directory) as ledger:  # opened, and the journals folded, once
-        plan = _guarded(report.plan_in, ledger, rules, dataset, time.time())
-        naming = _guarded(report.naming, ledger, [p.relpath for p in plan.removals]) \
+        plan = _guarded(planning.plan_in, ledger, rules, dataset, time.time())
+        naming = _guarded(planning.naming, ledger, [p.relpath for p in plan.removals]) \
             if plan.removals and (dry_run or not yes or as_json) else None
         if dry_run:
             click.echo(formatting.render_clean_plan(plan, note, as_json, naming, list_all))
@@ -209,7 +209,7 @@ def _ledger(directory):
         with open_ledger(directory) as ledger:
             yield ledger
     except CacheManagerError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise _one_line(exc) from None
 
 
 @cache.command(name="audit")
@@ -363,9 +363,16 @@ def _guarded(fn, *args):
         with report.reporting_progress(progress):
             return fn(*args)
     except CacheManagerError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise _one_line(exc) from None
     finally:
         progress.done()
+
+
+def _one_line(exc: CacheManagerError) -> click.ClickException:
+    """Our error as one ``Error:`` line: exit status 2 for the user's input, else 1."""
+    if isinstance(exc, InvalidInput):
+        return BadInput(str(exc))
+    return click.ClickException(str(exc))
 
 
 class _IndexingProgress:

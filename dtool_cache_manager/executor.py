@@ -16,7 +16,6 @@ import errno
 import logging
 import os
 import queue
-import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,8 @@ from .cachefs import CacheDir, Refused
 from .errors import UnsafeCache
 from .holds import Holder, exclusive_gates, live_holds
 from .layout import is_item_relpath
-from .ledger import ItemRow, Ledger, Removed
+from .store import DatabaseError
+from .store.ledger import ItemRow, Ledger, Removed
 from .rangelock import GateBusy, open_range_lock
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def _record(on_removed: Callable[[], None], what: str) -> None:
     still gone and the next reconcile drops its row."""
     try:
         on_removed()
-    except sqlite3.Error as exc:
+    except DatabaseError as exc:
         logger.warning("dtool-cache-manager: removed %s but could not update the ledger (%s); "
                        "the next run reconciles it", what, exc)
 
@@ -292,7 +292,7 @@ class _LedgerUpdates:
             with self.ledger.recording_removals() as recorder:
                 for removed in iter(self._batches.get, None):
                     recorder.record(removed)
-        except sqlite3.Error as exc:
+        except DatabaseError as exc:
             logger.warning("dtool-cache-manager: could not update the ledger after removing "
                            "files (%s); the next run reconciles it", exc)
         except BaseException as exc:  # noqa: B902  # handed to the clean's own thread

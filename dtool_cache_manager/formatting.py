@@ -16,7 +16,8 @@ from humanfriendly.tables import format_pretty_table, format_robust_table
 from .audit import AuditRow
 from .executor import CleanPlan, CleanResult
 from .housekeeping import AutocleanStatus, RunRecord
-from .report import ItemView, Naming, Summary
+from .planning import Naming
+from .report import ItemView, Summary
 from .settings import MAX_SIZE, Setting
 
 if TYPE_CHECKING:

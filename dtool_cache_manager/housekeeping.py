@@ -446,7 +446,7 @@ def _measure_and_clean(cache_dir: str, settings: HousekeepingSettings,
     as it goes, so a failure half-way still records what was done.  The ledger is opened,
     and the journals folded, once for the whole run."""
     from . import report
-    from .ledger import open_ledger
+    from .store.ledger import open_ledger
     from .policies import Rules
 
     with open_ledger(cache_dir) as ledger:
@@ -462,9 +462,9 @@ def _measure_and_clean(cache_dir: str, settings: HousekeepingSettings,
 
 def _clean(ledger, rules, outcome: _Outcome) -> None:
     """One pass through the path ``dtool cache clean`` takes: plan, then execute."""
-    from . import report
+    from . import planning
 
-    result = report.plan_in(ledger, rules, now=time.time()).execute(ledger)
+    result = planning.plan_in(ledger, rules, now=time.time()).execute(ledger)
     outcome.removed += len(result.removed)
     outcome.freed += result.freed_bytes
     outcome.skipped_in_use += sum(1 for o in result.skipped if o.holders)

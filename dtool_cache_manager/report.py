@@ -13,21 +13,19 @@ import contextvars
 import itertools
 import logging
 import os
-import sqlite3
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, cast
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from . import cachefs, diskindex
+from .store import Connection, DatabaseError, diskindex
 from .cachefs import CacheDir
-from .diskindex import IndexedFile
-from .executor import CleanPlan, PlannedRemoval, forget_vanished, partial_is_stale
+from .store.diskindex import IndexedFile
+from .errors import InvalidInput
+from .executor import forget_vanished
 from .holds import Holder, HoldsSnapshot, live_holds
 from .layout import is_item_relpath, sanitise_uri
-from .ledger import ItemRow, Ledger, open_ledger
-from .params import BadInput
-from .policies import Candidate, Rules, Selection, lru_key, select, select_in_lru_order
+from .store.ledger import ItemRow, Ledger, open_ledger
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +104,7 @@ class Indexed:
     dropped: List[Tuple[str, str]]  # (relpath, why) of rows that name no cached item
 
     @property
-    def conn(self) -> sqlite3.Connection:
+    def conn(self) -> Connection:
         return self.ledger.conn
 
     @property
@@ -202,7 +200,7 @@ def _only_dataset(items: Sequence[ItemView], dataset: str, cache_dir: str
     chosen = tuple(i for i in items if i.dataset_key in keys or (
         i.row is None and wanted == os.path.basename(i.dataset_key)))
     if not chosen:
-        raise BadInput(f"no cached items of dataset {dataset!r} in {cache_dir} "
+        raise InvalidInput(f"no cached items of dataset {dataset!r} in {cache_dir} "
                        "(give its URI or UUID as `dtool cache ls` shows it)")
     return chosen
 
@@ -210,7 +208,7 @@ def _only_dataset(items: Sequence[ItemView], dataset: str, cache_dir: str
 def _reconcile(ledger, rows: Sequence[ItemRow]) -> int:
     try:
         return forget_vanished(ledger, rows)
-    except (OSError, sqlite3.Error) as exc:  # e.g. a full disk: report, reconcile later
+    except (OSError, DatabaseError) as exc:  # e.g. a full disk: report, reconcile later
         logger.warning("dtool-cache-manager: could not reconcile %d ledger rows (%s)",
                        len(rows), exc)
         return 0
@@ -220,7 +218,7 @@ def normalise_dataset(value: str) -> str:
     return sanitise_uri(value) if "://" in value else value.strip().rstrip("/")
 
 
-def _held_files(conn, holds: HoldsSnapshot) -> Dict[str, Tuple[IndexedFile, Tuple[Holder, ...]]]:
+def held_files(conn, holds: HoldsSnapshot) -> Dict[str, Tuple[IndexedFile, Tuple[Holder, ...]]]:
     """Files on disk that live processes hold, found through the index by path (and, for
     holds of processes older than this version, by identifier).  A holder whose holds
     cannot be read holds every file."""
@@ -310,7 +308,7 @@ def summary_of(index: Indexed, now: Optional[float] = None) -> Summary:
     groups = diskindex.dataset_groups(conn, dirs)
     uris = diskindex.uris_of_datasets(conn)
     recent = [diskindex.count_accessed_since(conn, now - limit) for _, limit in AGE_BUCKETS]
-    held = _held_files(conn, live_holds(index.cache))
+    held = held_files(conn, live_holds(index.cache))
     lost = ledger.lost_records()
     num_items = sum(d.num_files for d in dirs)
     num_untracked = sum(d.num_untracked for d in dirs)
@@ -361,7 +359,7 @@ def parse_sort(text: str) -> Tuple[str, bool]:
     """``size|accessed|count|name[:asc|desc]`` -> (key, descending)."""
     key, _, order = text.partition(":")
     if key not in SORT_KEYS or order not in ("", "asc", "desc"):
-        raise BadInput(f"invalid sort {text!r}: use one of size, accessed, count, name, "
+        raise InvalidInput(f"invalid sort {text!r}: use one of size, accessed, count, name, "
                        "optionally followed by :asc or :desc")
     return key, (SORT_KEYS[key][1] if not order else order == "desc")
 
@@ -386,7 +384,7 @@ def list_cached(cache_dir: str, sort: str = "accessed", limit: Optional[int] = N
     with indexed(cache_dir) as index:
         holds = live_holds(index.cache)
         if in_use:
-            files = [f for f, _ in _held_files(index.conn, holds).values()
+            files = [f for f, _ in held_files(index.conn, holds).values()
                      if not untracked or f.uuid is None]
         else:
             files = list(itertools.islice(
@@ -394,109 +392,3 @@ def list_cached(cache_dir: str, sort: str = "accessed", limit: Optional[int] = N
         views = _views(index.ledger, files, holds)
     views.sort(key=SORT_KEYS[key][0], reverse=descending)
     return views if limit is None else views[:limit]
-
-
-# -- clean -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Naming:
-    """Which dataset each of some cached files belongs to, and the item's name there: what
-    a plan shows beside the cache path.  Datasets are grouped as everywhere: by UUID
-    (untracked files: that of the tracked files in their directory, else the directory)."""
-
-    files: Dict[str, Tuple[str, Optional[str]]]  # relpath -> (dataset key, item's name)
-    uris: Dict[str, Tuple[str, ...]]  # dataset key -> every URI it was read through
-
-
-def naming(ledger: Ledger, relpaths: Sequence[str]) -> Naming:
-    names = ledger.names_of(relpaths)
-    untracked_dirs = sorted({os.path.dirname(r) for r in relpaths if r not in names})
-    dir_datasets = ledger.datasets_of_dirs(untracked_dirs)
-    uris = ledger.uris_of_datasets()
-    files = {}
-    for relpath in relpaths:
-        if relpath in names:
-            files[relpath] = names[relpath]
-        else:
-            directory = os.path.dirname(relpath)
-            files[relpath] = (dir_datasets.get(directory, directory), None)
-    return Naming(files, {key: uris.get(key, ()) for key, _ in files.values()})
-
-
-def plan_clean(inv: Inventory, rules: Rules, now: Optional[float] = None) -> CleanPlan:
-    """Which files a clean removes (see :mod:`policies`), and leftover partial downloads."""
-    now = time.time() if now is None else now
-    by_relpath = {item.relpath: item for item in inv.items}
-    selection = select([_candidate(i.file, bool(i.holders), i.row) for i in inv.items],
-                       rules, now)
-    skipped = tuple((c.relpath, by_relpath[c.relpath].holders)
-                    for c in selection.skipped_in_use)
-    stale: Tuple[PlannedRemoval, ...] = ()
-    if inv.partials:
-        with cachefs.open_cache(inv.cache_dir, create=False) as cache:
-            stale = _stale_partials(cache, inv.partials)
-    return _plan(inv.cache_dir, selection, skipped, stale, inv.skipped)
-
-
-def plan(cache_dir: str, rules: Rules, dataset: Optional[str] = None,
-         now: Optional[float] = None) -> CleanPlan:
-    """:func:`plan_in` a ledger opened for it."""
-    with open_ledger(cache_dir) as ledger:
-        return plan_in(ledger, rules, dataset, now)
-
-
-def plan_in(ledger: Ledger, rules: Rules, dataset: Optional[str] = None,
-            now: Optional[float] = None) -> CleanPlan:
-    """:func:`plan_clean` for ``dtool cache clean``, on the open ``ledger`` (its index
-    refreshed first): the ``lru`` order is read from the index, only as far as the rules
-    need; other policies and ``--dataset`` need every row."""
-    index = refreshed(ledger)
-    if dataset is not None or not rules.in_lru_order:
-        return plan_clean(inventory_of(index, dataset), rules, now)
-    now = time.time() if now is None else now
-    cache_dir = index.cache.path
-    conn = index.conn
-    dirs = diskindex.dir_totals(conn)
-    held = _held_files(conn, live_holds(index.cache))
-
-    def stream() -> Iterator[Candidate]:
-        for relpath, size_bytes, last_use, access_count in diskindex.in_lru_order(conn):
-            yield Candidate(relpath, size_bytes, last_use, access_count, relpath in held)
-
-    selection = select_in_lru_order(_lru_groups(stream(), now),
-                                    sum(d.file_bytes for d in dirs), rules, now)
-    stale = _stale_partials(index.cache, diskindex.partials(conn))
-    skipped = tuple((c.relpath, held[c.relpath][1]) for c in selection.skipped_in_use)
-    return _plan(cache_dir, selection, skipped, stale,
-                 tuple(sorted([s for d in dirs for s in d.skipped] + index.dropped)))
-
-
-def _candidate(f: IndexedFile, in_use: bool, row: Optional[ItemRow] = None) -> Candidate:
-    """A file as the policies see it; untracked files are as old as their atime or mtime."""
-    return Candidate(relpath=f.relpath, size_bytes=f.size_bytes,
-                     last_access=diskindex.last_use_of(f),
-                     access_count=f.access_count, in_use=in_use,
-                     fetch_seconds=row.fetch_seconds if row else 0.0,
-                     misses=row.misses if row else 0)
-
-
-def _lru_groups(stream: Iterable[Candidate], now: float) -> Iterator[Candidate]:
-    """The index orders by last use alone; put each run of equal keys in full ``lru`` order
-    (larger first, then by path), as :func:`policies.lru_key` does."""
-    # The index's candidates always carry their last use (diskindex.last_use_of), never None.
-    for _, group in itertools.groupby(stream, key=lambda c: min(cast(float, c.last_access), now)):
-        yield from sorted(group, key=lambda c: lru_key(c, now))
-
-
-def _stale_partials(cache: CacheDir, partials: Iterable[IndexedFile]
-                    ) -> Tuple[PlannedRemoval, ...]:
-    """Partial downloads nobody is fetching now (their fetch lock is free)."""
-    return tuple(PlannedRemoval(p.relpath, p.size_bytes) for p in partials
-                 if partial_is_stale(cache, p.relpath))
-
-
-def _plan(cache_dir: str, selection: Selection, skipped, stale: Tuple[PlannedRemoval, ...],
-          skipped_entries) -> CleanPlan:
-    removals = tuple(PlannedRemoval(c.relpath, c.size_bytes) for c in selection.remove)
-    return CleanPlan(cache_dir, removals, skipped, stale, tuple(skipped_entries))

@@ -68,7 +68,7 @@ class ProcessSession:
         if self.cache.unsafe is not None:
             return
         try:
-            from .ledger import Ledger
+            from .store.ledger import Ledger
 
             with Ledger(self.cache, timeout=2.0) as ledger:
                 ledger.compact(only_token=self.holds.token, owner_leaving=leaving)

@@ -21,7 +21,7 @@ from . import cachefs, executor
 from .cachefs import Refused
 from .holds import Holder
 from .layout import is_item_relpath
-from .ledger import ItemRow, Ledger, LedgerError
+from .store.ledger import ItemRow, Ledger, LedgerError
 
 OK = "ok"
 MISSING = "missing"

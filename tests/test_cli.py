@@ -532,7 +532,8 @@ def test_a_clean_and_an_autoclean_open_the_ledger_once(http_dataset, cache_dir, 
     autoclean with both limits (measure, expire, trim) each do it once."""
     from click.testing import CliRunner
 
-    from dtool_cache_manager import cli, housekeeping, ledger, settings
+    from dtool_cache_manager import cli, housekeeping, settings
+    from dtool_cache_manager.store import ledger
 
     ds = http_dataset({f"f{i}.txt": b"x" * 1000 for i in range(6)})
     env = make_env(cache_dir)

@@ -14,7 +14,7 @@ import time
 import pytest
 
 import dtool_cache_manager as dcm
-from dtool_cache_manager import report
+from dtool_cache_manager import planning
 from dtool_cache_manager.policies import Rules
 from support.datasets import file_md5_hex
 from support.users import HoldingChild
@@ -212,7 +212,7 @@ def test_a_clean_goes_on_while_another_process_keeps_the_ledger_locked(
             "print('\\n'.join(ds.item_content_abspath(i) for i in sorted(ds.identifiers)))")
     paths = subprocess.run([sys.executable, "-c", code, ds.uri], env=make_env(cache_dir),
                            check=True, capture_output=True, text=True).stdout.split()
-    plan = report.plan(str(cache_dir), Rules(remove_all=True))
+    plan = planning.plan(str(cache_dir), Rules(remove_all=True))
     assert len(plan.removals) == 6
     with dcm.open_ledger(str(cache_dir)) as ledger:
         locker = subprocess.Popen([sys.executable, "-c", LEDGER_LOCKER,

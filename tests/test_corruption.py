@@ -11,8 +11,8 @@ import sys
 import pytest
 
 import dtool_cache_manager as dcm
-from dtool_cache_manager import ledger as ledger_module
-from dtool_cache_manager.ledger import SCHEMA_VERSION
+from dtool_cache_manager.store import ledger as ledger_module
+from dtool_cache_manager.store.ledger import SCHEMA_VERSION
 
 ACCESS_ALL = ("import sys, dtoolcore\nds = dtoolcore.DataSet.from_uri(sys.argv[1])\n"
               "for i in sorted(ds.identifiers):\n    ds.item_content_abspath(i)\n")
@@ -195,8 +195,8 @@ def test_older_schema_is_upgraded_in_place(downgrade, filled, cache_dir, make_en
     """Version 4 drops three indexes every removal paid for, version 5 stores items by path
     and counts their removal without a trigger, version 6 remembers each journal's inode,
     version 7 tells untracked files from tracked ones in the index, version 8 plans a clean
-    from the index alone, version 9 indexes usage by item; the figures stay the same, and the count of rows stays right
-    through a clean."""
+    from the index alone, version 9 indexes usage by item; the figures stay the same, and the
+    count of rows stays right through a clean."""
     env = make_env(cache_dir)
 
     def report():

@@ -67,7 +67,7 @@ if role == "accessor":
 elif role == "auditor":
     from dtool_cache_manager import audit
 elif role == "cleaner":
-    from dtool_cache_manager import report
+    from dtool_cache_manager import planning, report
     from dtool_cache_manager.policies import Rules
     rules = Rules(retain_size_bytes=retain)
 else:
@@ -109,7 +109,7 @@ while not stop.is_set() and rounds < %(max_loops)d and time.monotonic() < deadli
         out.write("round\\n")
     elif rng.random() < 0.5:
         inv = report.inventory(cache_dir)
-        plan = report.plan_clean(inv, rules)
+        plan = planning.plan_clean(inv, rules)
         with dcm.open_ledger(cache_dir) as ledger:
             result = plan.execute(ledger)
         out.write("removed %%d\\n" %% len(result.removed))

@@ -16,8 +16,10 @@ import subprocess
 import sys
 import time
 
-from dtool_cache_manager import cachefs, diskindex
-from dtool_cache_manager.ledger import Ledger
+from dtool_cache_manager import cachefs
+
+from dtool_cache_manager.store import diskindex
+from dtool_cache_manager.store.ledger import Ledger
 from support import VENV_BIN, disk_files
 
 def _ident(n):
@@ -112,8 +114,9 @@ def test_the_first_scan_stores_what_lstat_says_and_a_rescan_agrees(tmp_path):
 
 SCAN_AND_STOP = """
 import sys, time
-from dtool_cache_manager import cachefs, diskindex
-from dtool_cache_manager.ledger import Ledger
+from dtool_cache_manager import cachefs
+from dtool_cache_manager.store import diskindex
+from dtool_cache_manager.store.ledger import Ledger
 diskindex.COMMIT_FILES = 500  # commit often: a small cache, interrupted after commits
 
 

@@ -1,8 +1,10 @@
-"""The package's modules import each other without cycles, lazy imports inside functions
-included: each can be read, and changed, knowing only what it imports."""
+"""The package's shape: its modules import each other without cycles, lazy imports inside
+functions included, so each can be read and changed knowing only what it imports; and only
+``store/`` talks to the database."""
 
 import ast
 import os
+import re
 
 import dtool_cache_manager
 
@@ -79,3 +81,27 @@ def test_no_import_cycles_lazy_imports_included():
 def test_the_checker_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+DRIVERS = {"sqlite3", "psycopg", "psycopg2"}
+SQL = re.compile(r"\b(SELECT\s.+\sFROM|INSERT\s+(OR\s+\w+\s+)?INTO|UPDATE\s+\w+\s+SET|"
+                 r"DELETE\s+FROM|CREATE\s+(TABLE|INDEX|TRIGGER)|PRAGMA\s+\w+)", re.S)
+
+
+def test_only_the_store_imports_a_database_driver_or_holds_sql():
+    """``store/`` owns the database: a second implementation (PostgreSQL) plugs in there."""
+    outside = []
+    for module, path in _modules().items():
+        if module == f"{PACKAGE}.store" or module.startswith(f"{PACKAGE}.store."):
+            continue
+        with open(path, encoding="utf-8") as fh:
+            tree = ast.parse(fh.read())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            outside += [f"{module} imports {n}" for n in names if n.split(".")[0] in DRIVERS]
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and SQL.search(node.value):
+                outside.append(f"{module}:{node.lineno} holds SQL")
+    assert outside == []
+    assert SQL.search("SELECT relpath FROM items") and SQL.search("INSERT OR IGNORE INTO x")

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from dtool_cache_manager import ledger as ledger_module, report
+from dtool_cache_manager import planning, report
+from dtool_cache_manager.store import ledger as ledger_module
 from dtool_cache_manager.policies import Rules
 
 
@@ -47,8 +48,9 @@ def traced(monkeypatch):
 COMMANDS = {
     "summary": lambda cache: report.summarize(cache),
     "ls": lambda cache: report.list_cached(cache, "accessed", 100),
-    "clean --older-than 30d": lambda cache: report.plan(cache, Rules(older_than_seconds=30 * 86400)),
-    "clean --retain-size": lambda cache: report.plan(cache, Rules(retain_size_bytes=100)),
+    "clean --older-than 30d":
+        lambda cache: planning.plan(cache, Rules(older_than_seconds=30 * 86400)),
+    "clean --retain-size": lambda cache: planning.plan(cache, Rules(retain_size_bytes=100)),
 }
 
 

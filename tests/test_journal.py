@@ -21,7 +21,7 @@ import pytest
 import dtool_cache_manager as dcm
 from dtool_cache_manager import cachefs, journal
 from dtool_cache_manager.holds import HoldsFile
-from dtool_cache_manager.ledger import Ledger
+from dtool_cache_manager.store.ledger import Ledger
 
 META = ".dtool-cache-manager"
 

@@ -13,9 +13,10 @@ import time
 import pytest
 
 import dtool_cache_manager as dcm
-from dtool_cache_manager import cachefs, journal, ledger as ledger_mod
+from dtool_cache_manager import cachefs, journal
+from dtool_cache_manager.store import ledger as ledger_mod
 from dtool_cache_manager.layout import Identity
-from dtool_cache_manager.ledger import Ledger, LedgerError
+from dtool_cache_manager.store.ledger import Ledger, LedgerError
 
 
 def _writer(paths, token="h.1.t"):

@@ -17,8 +17,10 @@ import time
 
 import pytest
 
-from dtool_cache_manager import diskindex, report
-from dtool_cache_manager.ledger import Ledger
+from dtool_cache_manager import planning, report
+
+from dtool_cache_manager.store import diskindex
+from dtool_cache_manager.store.ledger import Ledger
 from dtool_cache_manager import cachefs
 from dtool_cache_manager.policies import Rules
 from support import VENV_BIN, disk_files
@@ -154,12 +156,12 @@ def test_summary_ls_and_clean_are_exact_at_20k_items(built):
                   Rules(older_than_seconds=20 * 86400, exclude_frequently_accessed=1,
                         retain_size_bytes=int(total * 0.95)),
                   Rules(remove_all=True)):
-        fast = report.plan(cache, rules, now=now)
-        general = report.plan_clean(report.inventory(cache), rules, now=now)
+        fast = planning.plan(cache, rules, now=now)
+        general = planning.plan_clean(report.inventory(cache), rules, now=now)
         assert fast.removals == general.removals, rules
         assert fast.expected_freed_bytes == general.expected_freed_bytes
 
-    lru_first = [r.relpath for r in report.plan(cache, Rules(retain_size_bytes=0)).removals]
+    lru_first = [r.relpath for r in planning.plan(cache, Rules(retain_size_bytes=0)).removals]
     cleaned = cli(cache, "clean", "--retain-size", str(int(total * 0.9)), "--yes")
     # Complete files in LRU order, then the partial download nobody is fetching.
     files = [r for r in cleaned["removed"] if not r.endswith(".tmp")]
@@ -212,7 +214,7 @@ def assert_listing_and_plans_match_disk(cache, items):
     used = last_use_on_disk(cache, items)
     now = time.time()
     month = 30 * 86400
-    older = report.plan(cache, Rules(older_than_seconds=month), now=now)
+    older = planning.plan(cache, Rules(older_than_seconds=month), now=now)
     assert {r.relpath for r in older.removals} == {r for r, t in used.items() if now - t >= month}
     assert older.expected_freed_bytes == sum(disk[r.relpath] for r in older.removals)
     # Least recently used first, until half the bytes are left: tracked and untracked alike.
@@ -224,11 +226,11 @@ def assert_listing_and_plans_match_disk(cache, items):
             break
         expected.append(relpath)
         left -= disk[relpath]
-    half = report.plan(cache, Rules(retain_size_bytes=total // 2), now=now)
+    half = planning.plan(cache, Rules(retain_size_bytes=total // 2), now=now)
     assert [r.relpath for r in half.removals] == expected
     for rules in (Rules(older_than_seconds=month), Rules(retain_size_bytes=total // 2)):
-        general = report.plan_clean(report.inventory(cache), rules, now=now)
-        assert report.plan(cache, rules, now=now).removals == general.removals
+        general = planning.plan_clean(report.inventory(cache), rules, now=now)
+        assert planning.plan(cache, rules, now=now).removals == general.removals
     return used
 
 

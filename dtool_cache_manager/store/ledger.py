@@ -17,10 +17,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from . import cachefs, diskindex, holds, journal
-from .cachefs import CacheDir
-from .errors import CacheManagerError, UnsafeCache
-from .layout import (from_db, is_item_relpath, resolve_cache_dir, row_ok, to_db,
+from .. import cachefs, holds, journal
+from . import diskindex
+from ..cachefs import CacheDir
+from ..errors import CacheManagerError, UnsafeCache
+from ..layout import (from_db, is_item_relpath, resolve_cache_dir, row_ok, to_db,
                      user_at_host)
 
 logger = logging.getLogger(__name__)
@@ -1000,13 +1001,24 @@ def _nothing() -> Iterator[None]:
 
 
 
+# SQLite's primary result codes that mean the file is damaged (SQLITE_CORRUPT,
+# SQLITE_NOTADB); busy, locked, read-only, full or I/O errors are reported instead.
+_DAMAGE_CODES = {11, 26}
+
+
 def is_corruption(exc: Exception) -> bool:
-    """Only damage moves a ledger aside; a busy or read-only ledger is an error to report."""
+    """Only damage moves a ledger aside; a busy or read-only ledger is an error to report.
+    Classified by SQLite's result code (Python 3.11 and later give it); a ledger missing a
+    table or column of ours is damaged too, and older Pythons are judged by the message."""
     if isinstance(exc, _Unusable):
         return True
+    code = getattr(exc, "sqlite_errorcode", None)
     text = str(exc).lower()
-    return any(s in text for s in ("not a database", "malformed", "corrupt", "no such table",
-                                   "no such column"))
+    if "no such table" in text or "no such column" in text:
+        return True
+    if isinstance(code, int):
+        return code & 0xFF in _DAMAGE_CODES  # extended codes keep the primary in the low byte
+    return any(s in text for s in ("not a database", "malformed", "corrupt"))
 
 
 def move_aside(cache: CacheDir, why: Exception) -> str:

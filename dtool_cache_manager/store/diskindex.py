@@ -49,9 +49,9 @@ from dataclasses import dataclass
 from typing import (Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set,
                     Tuple)
 
-from . import cachefs
-from .cachefs import CacheDir, Refused
-from .layout import META_DIRNAME, from_db, row_ok, to_db
+from .. import cachefs
+from ..cachefs import CacheDir, Refused
+from ..layout import META_DIRNAME, from_db, row_ok, to_db
 
 PARTIAL_SUFFIX = ".tmp"
 # What a ``files`` row is, in one small integer, so that one index serves tracked and
