@@ -49,6 +49,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -344,7 +345,9 @@ def run_untracked(n_items: int, n_dirs: int, days: float, repeat: int,
     plan_seconds, out = median_time(dtool_cache + ["clean", "--older-than", "30d",
                                                    "--dry-run"], env, repeat)
     after = time.time()
-    planned = sum(1 for line in out.splitlines() if line.startswith("  "))
+    # The totals are the plan's last line (its files are listed per dataset beyond 20).
+    planned = int(re.fullmatch(r"Would remove (\d+) files?, freeing .*\.",
+                               out.strip().splitlines()[-1]).group(1))
     # Files cross the 30-day line as the runs go: count at both ends of the last run.
     old_at = lambda t: sum(1 for m in written.values() if t - m >= 30 * DAY)  # noqa: E731
 

@@ -179,8 +179,9 @@ def clean(cache_dir, as_json, dataset, remove_all, older_than, retain_size,
                        "(or --dry-run to see the plan)")
     with _ledger(directory) as ledger:  # opened, and the journals folded, once
         plan = _guarded(planning.plan_in, ledger, rules, dataset, time.time())
+        # Names for a plan someone reads; a scripted clean (--yes) goes straight on.
         naming = _guarded(planning.naming, ledger, [p.relpath for p in plan.removals]) \
-            if plan.removals and (dry_run or not yes or as_json) else None
+            if plan.removals and (dry_run or not yes) else None
         if dry_run:
             click.echo(formatting.render_clean_plan(plan, note, as_json, naming, list_all))
             return
@@ -190,8 +191,7 @@ def clean(cache_dir, as_json, dataset, remove_all, older_than, retain_size,
                 return
             click.confirm("Proceed?", default=False, abort=True)
         result = _guarded(_execute, plan, ledger, not as_json)
-    click.echo(formatting.render_clean_result(plan, result, note if yes else None, as_json,
-                                              naming))
+    click.echo(formatting.render_clean_result(plan, result, note if yes else None, as_json))
 
 
 def _execute(plan, ledger, show_progress: bool):

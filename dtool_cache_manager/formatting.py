@@ -419,15 +419,13 @@ def _planned_lines(plan: CleanPlan, naming: Optional[Naming], list_all: bool) ->
 
 
 def render_clean_result(plan: CleanPlan, result: CleanResult, note: Optional[str],
-                        as_json: bool, naming: Optional[Naming] = None) -> str:
+                        as_json: bool) -> str:
     in_use = [o for o in result.skipped if o.holders]
     other = [(o.relpath, o.reason) for o in result.skipped if not o.holders]
     other += list(plan.skipped_entries)
     if as_json:
         return _dumps({
             "removed": [o.relpath for o in result.removed],
-            "items": _files_json([(o.relpath, o.freed_bytes) for o in result.removed],
-                                 naming),
             "freed_bytes": result.freed_bytes,
             "skipped_in_use": [{"path": o.relpath, "holders": _holder_list(o.holders)}
                                for o in in_use],
