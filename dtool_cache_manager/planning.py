@@ -20,7 +20,7 @@ from .cachefs import CacheDir
 from .executor import CleanPlan, PlannedRemoval, partial_is_stale
 from .holds import live_holds
 from .policies import Candidate, Rules, Selection, lru_key, select, select_in_lru_order
-from .report import Inventory, held_files, inventory_of, refreshed
+from .report import Inventory, dataset_key_of, held_files, inventory_of, refreshed
 from .store import diskindex
 from .store.diskindex import IndexedFile
 from .store.ledger import ItemRow, Ledger, open_ledger
@@ -43,11 +43,9 @@ def naming(ledger: Ledger, relpaths: Sequence[str]) -> Naming:
     uris = ledger.uris_of_datasets()
     files = {}
     for relpath in relpaths:
-        if relpath in names:
-            files[relpath] = names[relpath]
-        else:
-            directory = os.path.dirname(relpath)
-            files[relpath] = (dir_datasets.get(directory, directory), None)
+        uuid, name = names.get(relpath, (None, None))
+        files[relpath] = (dataset_key_of(relpath, uuid,
+                                         dir_datasets.get(os.path.dirname(relpath))), name)
     return Naming(files, {key: uris.get(key, ()) for key, _ in files.values()})
 
 

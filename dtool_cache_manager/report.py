@@ -33,6 +33,12 @@ DAY = 86400.0
 AGE_BUCKETS = (("last day", DAY), ("last week", 7 * DAY), ("last month", 30 * DAY))
 
 
+def dataset_key_of(relpath: str, uuid: Optional[str], neighbour_uuid: Optional[str]) -> str:
+    """The one rule listings group by: a file's dataset UUID; for an untracked file, that of
+    the tracked files beside it, else its directory."""
+    return uuid or neighbour_uuid or os.path.dirname(relpath)
+
+
 @dataclass(frozen=True)
 class ItemView:
     """One cached file: what the disk says, what the ledger remembers, who holds it."""
@@ -71,9 +77,8 @@ class ItemView:
     def dataset_key(self) -> str:
         """The dataset UUID; for an untracked file, that of tracked files beside it, else
         its directory."""
-        if self.row:
-            return self.row.uuid
-        return self.neighbour_uuid or os.path.dirname(self.file.relpath)
+        return dataset_key_of(self.relpath, self.row.uuid if self.row else None,
+                              self.neighbour_uuid)
 
     @property
     def item_relpath(self) -> Optional[str]:

@@ -808,27 +808,23 @@ class Ledger:
 
     def names_of(self, relpaths: Sequence[str]) -> Dict[str, Tuple[str, Optional[str]]]:
         """relpath -> (dataset UUID, the item's name in its dataset, if the manifest gave
-        one) for those of ``relpaths`` the ledger tracks; a statement per 500 paths."""
+        one) for those of ``relpaths`` the ledger tracks."""
         found: Dict[str, Tuple[str, Optional[str]]] = {}
-        for start in range(0, len(relpaths), 500):
-            chunk = [to_db(r) for r in relpaths[start:start + 500]]
-            for relpath, uuid, name in self.conn.execute(
-                    "SELECT relpath, uuid, item_relpath FROM items WHERE relpath IN "
-                    f"({','.join('?' * len(chunk))})", chunk):
-                if isinstance(uuid, str):
-                    found[from_db(relpath)] = (uuid, name if isinstance(name, str) else None)
+        for relpath, uuid, name in diskindex.select_where_in(
+                self.conn, "SELECT relpath, uuid, item_relpath FROM items WHERE relpath",
+                [to_db(r) for r in relpaths]):
+            if isinstance(uuid, str):
+                found[from_db(relpath)] = (uuid, name if isinstance(name, str) else None)
         return found
 
     def datasets_of_dirs(self, dirs: Sequence[str]) -> Dict[str, str]:
         """directory -> the dataset UUID of the tracked files in it, where there is one."""
         found: Dict[str, str] = {}
-        for start in range(0, len(dirs), 500):
-            chunk = [to_db(d) for d in dirs[start:start + 500]]
-            for relpath, dataset in self.conn.execute(
-                    "SELECT relpath, dataset FROM dirs WHERE relpath IN "
-                    f"({','.join('?' * len(chunk))})", chunk):
-                if isinstance(dataset, str) and dataset != "*":
-                    found[from_db(relpath)] = dataset
+        for relpath, dataset in diskindex.select_where_in(
+                self.conn, "SELECT relpath, dataset FROM dirs WHERE relpath",
+                [to_db(d) for d in dirs]):
+            if isinstance(dataset, str) and dataset != "*":
+                found[from_db(relpath)] = dataset
         return found
 
     def rows_not_indexed(self) -> List[str]:
