@@ -23,7 +23,8 @@ import time
 
 import dtoolcore.utils
 
-from dtool_cache_manager import cachefs, housekeeping as hk
+from dtool_cache_manager import cachefs
+from dtool_cache_manager.housekeeping import trigger
 
 
 def timed(fn, n):
@@ -51,21 +52,21 @@ def main():
     for key in ("DTOOL_CACHE_MAX_SIZE", "DTOOL_CACHE_MAX_AGE"):
         os.environ.pop(key, None)
 
-    hk.after_miss(cache, 1)
-    rows = [("no limit set",) + timed(lambda: hk.after_miss(cache, 1), 2000)]
+    trigger.after_miss(cache, 1)
+    rows = [("no limit set",) + timed(lambda: trigger.after_miss(cache, 1), 2000)]
 
     os.environ["DTOOL_CACHE_MAX_SIZE"] = "1TB"
     os.environ["DTOOL_CACHE_AUTOCLEAN_INTERVAL"] = "0s"
-    hk.after_miss(cache, 1)  # never measured: starts the first run
+    trigger.after_miss(cache, 1)  # never measured: starts the first run
     wait_for_run(files)
-    hk.after_miss(cache, 1)
-    rows.append(("limit set, no clean due",) + timed(lambda: hk.after_miss(cache, 1), 2000))
+    trigger.after_miss(cache, 1)
+    rows.append(("limit set, no clean due",) + timed(lambda: trigger.after_miss(cache, 1), 2000))
 
     def start_one():
         wait_for_run(files)
         os.truncate(os.path.join(files, cachefs.AUTOCLEAN_LOG), 0)  # "never measured" again
         t0 = time.perf_counter()
-        hk.after_miss(cache, 1)
+        trigger.after_miss(cache, 1)
         return time.perf_counter() - t0
 
     spawns = [start_one() for _ in range(20)]

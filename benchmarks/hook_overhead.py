@@ -89,14 +89,14 @@ def load_original():
     original) when dtoolcore first loads its storage-broker entry points.
     """
     try:
-        from dtool_cache_manager import host
+        from dtool_cache_manager.hooks import host
         original = getattr(host, "ORIGINAL_ITEM_CONTENT_ABSPATH", None)
     except ImportError:
         original = None
     if original is not None:
         return original, None
     return dtoolcore.DataSet.item_content_abspath, (
-        "dtool_cache_manager.host.ORIGINAL_ITEM_CONTENT_ABSPATH not available (None or "
+        "dtool_cache_manager.hooks.host.ORIGINAL_ITEM_CONTENT_ABSPATH not available (None or "
         f"missing): bare/naive use dtoolcore.DataSet.item_content_abspath with {DISABLE_VAR}=1"
     )
 
@@ -224,7 +224,7 @@ ids = sorted(ds.identifiers)
 access = ds.item_content_abspath
 for i in range(int(sys.argv[2])):
     access(ids[i % len(ids)])
-from dtool_cache_manager import tracking
+from dtool_cache_manager.hooks import tracking
 session = tracking._sessions.get(os.environ["DTOOL_CACHE_DIRECTORY"])
 written = None if session is None else sum(finished) + session.journal._written
 print(json.dumps({"journal_bytes": written}), flush=True)

@@ -89,7 +89,7 @@ def remove_cache_item_safely(uri: str, identifier: str, cache_dir: Optional[str]
 
 def release(uri: str, identifier: str, cache_dir: Optional[str] = None) -> int:
     """Stop this process holding the item, so a cleaner may take it; returns holds released."""
-    from . import tracking
+    from .hooks import tracking
 
     uri = _check_item(uri, identifier)
     return tracking.release(resolve_cache_dir(cache_dir), uri, identifier)
@@ -97,7 +97,7 @@ def release(uri: str, identifier: str, cache_dir: Optional[str] = None) -> int:
 
 def hold_scope(*args, **kwargs):
     """See :func:`tracking.hold_scope` (imported on use: the CLI never needs the hooks)."""
-    from . import tracking
+    from .hooks import tracking
 
     return tracking.hold_scope(*args, **kwargs)
 
@@ -116,4 +116,4 @@ def _dir_totals(cache_dir: Optional[str]) -> List[diskindex.DirTotals]:
     from .report import indexed  # report builds on this module
 
     with indexed(resolve_cache_dir(cache_dir)) as index:
-        return diskindex.dir_totals(index.conn)
+        return index.disk.dir_totals()

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import click
 
 from . import __version__, audit as audit_mod, formatting, housekeeping, planning, report
-from . import settings as settings_mod
+from .housekeeping import settings as settings_mod
 from .store.ledger import open_ledger
 from .errors import CacheManagerError, InvalidInput
 from .layout import resolve_cache_dir

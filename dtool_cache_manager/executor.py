@@ -28,7 +28,7 @@ from .errors import UnsafeCache
 from .holds import Holder, exclusive_gates, live_holds
 from .layout import is_item_relpath
 from .store import DatabaseError
-from .store.ledger import ItemRow, Ledger, Removed
+from .store.ledger import ItemRow, Ledger, Removed, open_ledger
 from .rangelock import GateBusy, open_range_lock
 
 logger = logging.getLogger(__name__)
@@ -197,8 +197,17 @@ class CleanPlan:
     def expected_freed_bytes(self) -> int:
         return sum(r.size_bytes for r in self.removals + self.stale_partials)
 
-    def execute(self, ledger: Ledger,
+    def execute(self, ledger: Optional[Ledger] = None,
                 progress: Optional[Callable[[PlannedRemoval], None]] = None) -> CleanResult:
+        """Carry the plan out: on ``ledger`` if the caller has the cache's ledger open
+        already (a command opens and folds it once), else on one opened for the run."""
+        if ledger is None:
+            with open_ledger(self.cache_dir) as opened:
+                return self._execute(opened, progress)
+        return self._execute(ledger, progress)
+
+    def _execute(self, ledger: Ledger,
+                 progress: Optional[Callable[[PlannedRemoval], None]]) -> CleanResult:
         """Remove the planned files in path order, while a thread of its own drops their
         ledger rows a batch behind (see :class:`_LedgerUpdates`).  Each batch takes a run
         of paths from each of :data:`UNLINK_THREADS` regions of the sorted list, one region

@@ -18,7 +18,7 @@ from .executor import CleanPlan, CleanResult
 from .housekeeping import AutocleanStatus, RunRecord
 from .planning import Naming
 from .report import ItemView, Summary
-from .settings import MAX_SIZE, Setting
+from .housekeeping.settings import MAX_SIZE, Setting
 
 if TYPE_CHECKING:
     from .verify import VerifyResult

@@ -81,17 +81,17 @@ def plan_in(ledger: Ledger, rules: Rules, dataset: Optional[str] = None,
         return plan_clean(inventory_of(index, dataset), rules, now)
     now = time.time() if now is None else now
     cache_dir = index.cache.path
-    conn = index.conn
-    dirs = diskindex.dir_totals(conn)
-    held = held_files(conn, live_holds(index.cache))
+    disk = index.disk
+    dirs = disk.dir_totals()
+    held = held_files(disk, live_holds(index.cache))
 
     def stream() -> Iterator[Candidate]:
-        for relpath, size_bytes, last_use, access_count in diskindex.in_lru_order(conn):
+        for relpath, size_bytes, last_use, access_count in disk.in_lru_order():
             yield Candidate(relpath, size_bytes, last_use, access_count, relpath in held)
 
     selection = select_in_lru_order(_lru_groups(stream(), now),
                                     sum(d.file_bytes for d in dirs), rules, now)
-    stale = _stale_partials(index.cache, diskindex.partials(conn))
+    stale = _stale_partials(index.cache, disk.partials())
     skipped = tuple((c.relpath, held[c.relpath][1]) for c in selection.skipped_in_use)
     return _plan(cache_dir, selection, skipped, stale,
                  tuple(sorted([s for d in dirs for s in d.skipped] + index.dropped)))

@@ -18,9 +18,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .store import Connection, DatabaseError, diskindex
+from .store import DatabaseError
 from .cachefs import CacheDir
-from .store.diskindex import IndexedFile
+from .store.diskindex import DiskIndex, IndexedFile
 from .errors import InvalidInput
 from .executor import forget_vanished
 from .holds import Holder, HoldsSnapshot, live_holds
@@ -109,8 +109,8 @@ class Indexed:
     dropped: List[Tuple[str, str]]  # (relpath, why) of rows that name no cached item
 
     @property
-    def conn(self) -> Connection:
-        return self.ledger.conn
+    def disk(self) -> DiskIndex:
+        return self.ledger.index
 
     @property
     def cache(self) -> CacheDir:
@@ -152,10 +152,10 @@ def refreshed(ledger: Ledger, full_rescan: bool = False) -> Indexed:
     as more rows than tracked files; only then are all rows compared with the index.
     """
     result = Indexed(ledger, 0, [])
-    conn = ledger.conn
-    refresh = diskindex.refresh(conn, ledger.cache, full=full_rescan, progress=_progress.get())
+    disk = ledger.index
+    refresh = disk.refresh(full=full_rescan, progress=_progress.get())
     suspects = list(refresh.vanished)
-    if ledger.row_count() > diskindex.count_tracked(conn):
+    if ledger.row_count() > disk.count_tracked():
         suspects += ledger.rows_not_indexed()
     rows = [row for row in map(ledger.item, sorted(set(suspects))) if row is not None]
     result.dropped += [(row.relpath, STRAY_ROW) for row in rows
@@ -175,14 +175,14 @@ def inventory_of(index: Indexed, dataset: Optional[str] = None) -> Inventory:
     """:func:`inventory` from an open, refreshed ledger.  Builds a view of every file: the
     general path, for what the index cannot answer alone."""
     cache_dir = index.cache.path
-    ledger, conn = index.ledger, index.conn
+    ledger, disk = index.ledger, index.disk
     holds = live_holds(index.cache)
-    files = diskindex.all_files(conn)
+    files = disk.all_files()
     on_disk = {f.relpath for f in files}
     rows = {row.relpath: row for row in ledger.items() if row.relpath in on_disk}
-    skipped = [s for d in diskindex.dir_totals(conn) for s in d.skipped] + index.dropped
+    skipped = [s for d in disk.dir_totals() for s in d.skipped] + index.dropped
     uris = ledger.uris_of_files()
-    partials = tuple(diskindex.partials(conn))
+    partials = tuple(disk.partials())
     lost = ledger.lost_records()
     dir_uuid = {os.path.dirname(r): row.uuid for r, row in rows.items()}
     items = tuple(ItemView(f, rows.get(f.relpath), tuple(uris.get(f.relpath, ())),
@@ -223,18 +223,19 @@ def normalise_dataset(value: str) -> str:
     return sanitise_uri(value) if "://" in value else value.strip().rstrip("/")
 
 
-def held_files(conn, holds: HoldsSnapshot) -> Dict[str, Tuple[IndexedFile, Tuple[Holder, ...]]]:
+def held_files(disk: DiskIndex, holds: HoldsSnapshot
+               ) -> Dict[str, Tuple[IndexedFile, Tuple[Holder, ...]]]:
     """Files on disk that live processes hold, found through the index by path (and, for
     holds of processes older than this version, by identifier).  A holder whose holds
     cannot be read holds every file."""
     if holds.empty:
         return {}
     if holds.unreadable:
-        candidates = diskindex.all_files(conn)
+        candidates = disk.all_files()
     else:
-        candidates = diskindex.files_at(conn, holds.paths)
+        candidates = disk.files_at(holds.paths)
         if holds.identifiers:
-            candidates += diskindex.files_with_identifiers(conn, holds.identifiers)
+            candidates += disk.files_with_identifiers(holds.identifiers)
     found = {}
     for f in candidates:
         holders = holds.holders_of(f.relpath)
@@ -308,12 +309,12 @@ def summary_of(index: Indexed, now: Optional[float] = None) -> Summary:
     """From the disk index's per-directory totals: no walk, no per-file work."""
     now = time.time() if now is None else now
     cache_dir = index.cache.path
-    ledger, conn = index.ledger, index.conn
-    dirs = diskindex.dir_totals(conn)
-    groups = diskindex.dataset_groups(conn, dirs)
-    uris = diskindex.uris_of_datasets(conn)
-    recent = [diskindex.count_accessed_since(conn, now - limit) for _, limit in AGE_BUCKETS]
-    held = held_files(conn, live_holds(index.cache))
+    ledger, disk = index.ledger, index.disk
+    dirs = disk.dir_totals()
+    groups = disk.dataset_groups(dirs)
+    uris = disk.uris_of_datasets()
+    recent = [disk.count_accessed_since(now - limit) for _, limit in AGE_BUCKETS]
+    held = held_files(disk, live_holds(index.cache))
     lost = ledger.lost_records()
     num_items = sum(d.num_files for d in dirs)
     num_untracked = sum(d.num_untracked for d in dirs)
@@ -389,11 +390,11 @@ def list_cached(cache_dir: str, sort: str = "accessed", limit: Optional[int] = N
     with indexed(cache_dir) as index:
         holds = live_holds(index.cache)
         if in_use:
-            files = [f for f, _ in held_files(index.conn, holds).values()
+            files = [f for f, _ in held_files(index.disk, holds).values()
                      if not untracked or f.uuid is None]
         else:
             files = list(itertools.islice(
-                diskindex.by_last_access(index.conn, descending, untracked, limit), limit))
+                index.disk.by_last_access(descending, untracked, limit), limit))
         views = _views(index.ledger, files, holds)
     views.sort(key=SORT_KEYS[key][0], reverse=descending)
     return views if limit is None else views[:limit]

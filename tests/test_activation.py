@@ -83,7 +83,7 @@ def test_set_enabled_switches_tracking_at_run_time(http_dataset, cache_dir, make
     """host.set_enabled(False) leaves accesses untracked until set_enabled(True)."""
     ds = http_dataset(ITEMS)
     ident = ds.identifiers["a.txt"]
-    code = THREE_ACCESSES.replace("for _ in range(3):", """from dtool_cache_manager import host
+    code = THREE_ACCESSES.replace("for _ in range(3):", """from dtool_cache_manager.hooks import host
 host.set_enabled(False)
 print(ds.item_content_abspath(sys.argv[2]))
 host.set_enabled(True)
@@ -127,7 +127,7 @@ def test_dtool_version_lists_one_file_broker(http_dataset, cache_dir, make_env):
     import dtoolcore
     from urllib.parse import urlparse
 
-    from dtool_cache_manager.activation import KEY
+    from dtool_cache_manager.hooks.activation import KEY
 
     env = make_env(cache_dir)
     out = subprocess.run(["dtool", "--version"], env=env, capture_output=True, text=True,
@@ -143,7 +143,7 @@ def test_dtool_version_lists_one_file_broker(http_dataset, cache_dir, make_env):
     # dtoolcore's own lookup, in a fresh interpreter: "file" is still dtoolcore's broker
     lookup = run_python(BROKER_LOOKUP, env)
     assert lookup.returncode == 0, lookup.stderr
-    assert f"{KEY}=dtool_cache_manager.activation.CacheTracking" in lookup.stdout.split("\n")
+    assert f"{KEY}=dtool_cache_manager.hooks.activation.CacheTracking" in lookup.stdout.split("\n")
 
     # and the entry point still switches tracking on: one miss, two hits
     ds = http_dataset(ITEMS)

@@ -532,7 +532,8 @@ def test_a_clean_and_an_autoclean_open_the_ledger_once(http_dataset, cache_dir, 
     autoclean with both limits (measure, expire, trim) each do it once."""
     from click.testing import CliRunner
 
-    from dtool_cache_manager import cli, housekeeping, settings
+    from dtool_cache_manager import cli
+    from dtool_cache_manager.housekeeping import run, settings
     from dtool_cache_manager.store import ledger
 
     ds = http_dataset({f"f{i}.txt": b"x" * 1000 for i in range(6)})
@@ -555,6 +556,6 @@ def test_a_clean_and_an_autoclean_open_the_ledger_once(http_dataset, cache_dir, 
     opened.clear()
     limits = settings.load({settings.MAX_SIZE: "3000", settings.MAX_AGE: "1d"},
                            str(cache_dir.parent / "no-config.json"))
-    outcome = housekeeping._Outcome()
-    housekeeping._measure_and_clean(str(cache_dir), limits, outcome)
+    outcome = run._Outcome()
+    run._measure_and_clean(str(cache_dir), limits, outcome)
     assert (outcome.size_before, outcome.size_after, len(opened)) == (4000, 2000, 1)

@@ -15,8 +15,9 @@ import sys
 import dtoolcore.utils
 import pytest
 
-from dtool_cache_manager import housekeeping as hk
-from dtool_cache_manager import settings as st
+from dtool_cache_manager.housekeeping import records as hk_records, run as hk_run, \
+    trigger as hk_trigger
+from dtool_cache_manager.housekeeping import settings as st
 from dtool_cache_manager import cachefs
 from support import disk_files
 from support.datasets import file_md5_hex
@@ -321,10 +322,10 @@ def test_autoclean_by_hand_uses_the_same_path(http_dataset, cache_dir, hk_env):
     assert sum(disk_files(cache_dir).values()) == 20 * KB
     assert log_entries(cache_dir) == [run]
     with cachefs.open_cache(str(cache_dir)) as cache:
-        assert hk.read_last_run(cache).to_json() == run  # the log's last line
+        assert hk_records.read_last_run(cache).to_json() == run  # the log's last line
 
         # Another run holds the lock: this one says so and does nothing.
-        fd = hk.try_lock(cache)
+        fd = hk_records.try_lock(cache)
     try:
         busy = dtool_cache("autoclean", env=hk_env(max_size="1KB"))
     finally:
@@ -339,22 +340,22 @@ def test_status_creates_nothing_and_sees_a_running_clean(tmp_path, cache_dir, mo
     monkeypatch.setattr(dtoolcore.utils, "DEFAULT_CONFIG_PATH", str(tmp_path / "dtool.json"))
     monkeypatch.setenv("DTOOL_CACHE_MAX_AGE", "30d")
     missing = tmp_path / "nowhere"
-    status = hk.status(str(missing))
+    status = hk_records.status(str(missing))
     assert (status.running, status.last_run, status.settings.max_age_seconds) == (
         False, None, 30 * 86400.0)
     assert not missing.exists()
 
     with cachefs.open_cache(str(cache_dir)) as cache:
-        fd = hk.try_lock(cache)
+        fd = hk_records.try_lock(cache)
         try:
-            status = hk.status(str(cache_dir))
+            status = hk_records.status(str(cache_dir))
             assert status.running is True
             me = pwd.getpwuid(os.geteuid()).pw_name
             assert status.holder == (me, os.getpid())  # named as the kernel knows it
-            assert hk.try_lock(cache) is None  # only one run at a time
+            assert hk_records.try_lock(cache) is None  # only one run at a time
         finally:
             os.close(fd)
-    assert hk.status(str(cache_dir)).running is False
+    assert hk_records.status(str(cache_dir)).running is False
 
 
 def test_the_hook_reaps_its_children_and_never_raises(tmp_path, cache_dir, monkeypatch,
@@ -367,15 +368,15 @@ def test_the_hook_reaps_its_children_and_never_raises(tmp_path, cache_dir, monke
     monkeypatch.setenv("DTOOL_CACHE_AUTOCLEAN_INTERVAL", "0s")
     monkeypatch.setenv("HOME", str(tmp_path))  # the child's dtool.json: none
     monkeypatch.setattr(dtoolcore.utils, "DEFAULT_CONFIG_PATH", str(tmp_path / "dtool.json"))
-    monkeypatch.setattr(hk, "_tallies", {})
-    monkeypatch.setattr(hk, "_children", [])
-    monkeypatch.setattr(hk, "_warned", set())
+    monkeypatch.setattr(hk_trigger, "_tallies", {})
+    monkeypatch.setattr(hk_trigger, "_children", [])
+    monkeypatch.setattr(hk_trigger, "_warned", set())
 
-    hk.after_miss(str(cache_dir), 10)  # never measured: starts a run
-    (child,) = hk._children
+    hk_trigger.after_miss(str(cache_dir), 10)  # never measured: starts a run
+    (child,) = hk_trigger._children
     wait_for_autoclean(cache_dir)
-    hk.after_miss(str(cache_dir), 10)  # measured, under the limit: no run; reaps the child
-    assert hk._children == [] and child.returncode == 0
+    hk_trigger.after_miss(str(cache_dir), 10)  # measured, under the limit: no run; reaps the child
+    assert hk_trigger._children == [] and child.returncode == 0
     with pytest.raises(ChildProcessError):
         os.waitpid(child.pid, os.WNOHANG)  # reaped: not a zombie of ours any more
     (run,) = log_entries(cache_dir)
@@ -384,7 +385,7 @@ def test_the_hook_reaps_its_children_and_never_raises(tmp_path, cache_dir, monke
     caplog.set_level(logging.WARNING)
     (cache_dir / "a-file").write_bytes(b"")
     for _ in range(3):
-        assert hk.after_miss(str(cache_dir / "a-file" / "x"), 10) is None
+        assert hk_trigger.after_miss(str(cache_dir / "a-file" / "x"), 10) is None
     failures = [r for r in caplog.records if "automatic housekeeping failed" in r.message]
     assert len(failures) == 1
 
@@ -400,7 +401,7 @@ def test_in_a_group_shared_cache_the_files_are_group_writable(cache_dir, monkeyp
     monkeypatch.setenv("DTOOL_CACHE_MAX_SIZE", "1GB")
     old_umask = os.umask(0o077)
     try:
-        run = hk.run_now(str(cache_dir))
+        run = hk_run.run_now(str(cache_dir))
     finally:
         os.umask(old_umask)
     assert run.error is None and run.trigger == "manual"

@@ -106,3 +106,17 @@ def test_every_query_of_files_uses_the_index_or_stops_early(tmp_path, traced, co
             assert any(query.startswith(LRU_ORDER) for query in queries), queries
     finally:
         conn.close()
+
+
+def test_a_plan_executes_itself(tmp_path):
+    """As huggingface_hub's ``DeleteCacheStrategy.execute()``: no argument needed."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    build(cache, 2, files_per_dir=3)
+    plan = planning.plan(str(cache), Rules(retain_size_bytes=6))
+    assert len(plan.removals) == 2 and plan.expected_freed_bytes == 6  # all as old: larger first
+    result = plan.execute()
+    assert result.freed_bytes == plan.expected_freed_bytes
+    assert sorted(o.relpath for o in result.removed) == sorted(r.relpath for r in plan.removals)
+    assert not any((cache / r.relpath).exists() for r in plan.removals)
+    assert report.summarize(str(cache)).total_size_bytes == 2 * (1 + 2 + 3) - result.freed_bytes

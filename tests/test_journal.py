@@ -55,7 +55,7 @@ def test_a_warm_access_costs_the_journal_a_short_line(http_dataset, cache_dir, m
     """After the first access of each item, an access adds at most 32 bytes."""
     ds = http_dataset({f"f{i}.bin": b"x" * 10 for i in range(5)})
     code = LOOP.replace('os.write(1, b"%d\\n" % (i + 1))', "pass") + """
-from dtool_cache_manager import tracking
+from dtool_cache_manager.hooks import tracking
 session = tracking._sessions[os.environ["DTOOL_CACHE_DIRECTORY"]]
 before = os.fstat(session.journal._fd).st_size
 for i in range(2000):
@@ -81,7 +81,7 @@ def test_a_repeated_hit_takes_the_shortcut_and_leaves_it_when_the_file_changes(
     code = """
 import os, shutil, sys
 import dtoolcore
-from dtool_cache_manager import host, tracking
+from dtool_cache_manager.hooks import host, tracking
 ds = dtoolcore.DataSet.from_uri(sys.argv[1])
 a, b = sys.argv[2], sys.argv[3]
 calls = []

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from dtool_cache_manager import plugins
+from dtool_cache_manager.hooks import plugins
 
 PLUGIN = '''
 import json, os
@@ -20,7 +20,7 @@ def pre_item_content_abspath(uri, identifier):
     _log("pre", uri, identifier)
 
 def post_item_content_abspath(uri, identifier, abspath):
-    from dtool_cache_manager.host import current_access
+    from dtool_cache_manager.hooks.host import current_access
     access = current_access()
     _log("post", uri, identifier, abspath, access.miss, os.path.exists(abspath))
 
@@ -83,7 +83,7 @@ def test_registry_lists_our_hooks_through_entry_points():
 
 
 def test_wrappers_go_through_pluggy_and_order_is_kept():
-    from dtool_cache_manager.hookspecs import hookimpl
+    from dtool_cache_manager.hooks.hookspecs import hookimpl
 
     calls = []
 
@@ -121,8 +121,8 @@ def test_wrappers_go_through_pluggy_and_order_is_kept():
 def test_a_repeated_hit_skips_the_hooks_only_while_ours_are_alone():
     """Our two implementations offer one shortcut for repeated warm hits; one more
     implementation of either hook turns it off, so that it sees every access."""
-    from dtool_cache_manager import tracking
-    from dtool_cache_manager.hookspecs import hookimpl
+    from dtool_cache_manager.hooks import tracking
+    from dtool_cache_manager.hooks.hookspecs import hookimpl
 
     pm = plugins.build_manager()
     assert plugins.Dispatch(pm).warm_hits is tracking.WARM_HITS
@@ -143,8 +143,8 @@ def test_a_plugin_registered_at_run_time_sees_the_next_access(http_dataset, cach
     ds = http_dataset({"a.txt": b"abc"})
     code = textwrap.dedent("""
         import sys, dtoolcore
-        from dtool_cache_manager import plugins
-        from dtool_cache_manager.hookspecs import hookimpl
+        from dtool_cache_manager.hooks import plugins
+        from dtool_cache_manager.hooks.hookspecs import hookimpl
         seen = []
 
         class Late:

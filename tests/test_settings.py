@@ -6,8 +6,10 @@ import os
 
 import pytest
 
-from dtool_cache_manager import cachefs, housekeeping as hk
-from dtool_cache_manager import settings as st
+from dtool_cache_manager import cachefs
+from dtool_cache_manager.housekeeping import records as hk_records, run as hk_run, \
+    trigger as hk_trigger
+from dtool_cache_manager.housekeeping import settings as st
 
 GB = 1000 ** 3
 HOUR = 3600.0
@@ -115,7 +117,7 @@ def _settings(size=None, age=None, interval=HOUR):
 
 
 def _run(start, size_after):
-    return hk.RunRecord(start=start, end=start + 1, pid=1, user="u@h", trigger=hk.SIZE,
+    return hk_records.RunRecord(start=start, end=start + 1, pid=1, user="u@h", trigger=hk_records.SIZE,
                         triggered_by=None, max_size_bytes=100, max_age_seconds=None,
                         target_size_bytes=90, size_before_bytes=size_after,
                         size_after_bytes=size_after, removed=0, freed_bytes=0,
@@ -125,39 +127,39 @@ def _run(start, size_after):
 def test_due_decisions():
     now = 1_000_000.0
     limit = _settings(size=100)
-    assert hk.due(_settings(), None, 10 ** 9, now) is None  # no limit: never
-    assert hk.due(limit, None, 0, now) == hk.UNMEASURED
-    assert hk.due(limit, _run(now - 10, None), 0, now - 10 + HOUR) == hk.UNMEASURED
-    assert hk.due(limit, _run(now - 10, 500), 0, now) is None  # within the interval
-    assert hk.due(limit, _run(now - HOUR, 60), 40, now) is None  # 100: not over
-    assert hk.due(limit, _run(now - HOUR, 60), 41, now) == hk.SIZE
-    assert hk.due(_settings(age=DAY), _run(now - HOUR, 0), 0, now) == hk.AGE
-    assert hk.due(limit, _run(now + DAY, 500), 0, now) == hk.SIZE  # a start in the future
-    assert hk.due(limit, _run(now - DAY + 1, 0), 0, now) is None
-    assert hk.due(limit, _run(now - DAY, 0), 0, now) == hk.STALE  # others' fetches add up
-    assert hk.due(_settings(size=100, interval=2 * DAY), _run(now - DAY, 0), 0, now) is None
-    assert hk.target_size(100) == 90
+    assert hk_trigger.due(_settings(), None, 10 ** 9, now) is None  # no limit: never
+    assert hk_trigger.due(limit, None, 0, now) == hk_records.UNMEASURED
+    assert hk_trigger.due(limit, _run(now - 10, None), 0, now - 10 + HOUR) == hk_records.UNMEASURED
+    assert hk_trigger.due(limit, _run(now - 10, 500), 0, now) is None  # within the interval
+    assert hk_trigger.due(limit, _run(now - HOUR, 60), 40, now) is None  # 100: not over
+    assert hk_trigger.due(limit, _run(now - HOUR, 60), 41, now) == hk_records.SIZE
+    assert hk_trigger.due(_settings(age=DAY), _run(now - HOUR, 0), 0, now) == hk_records.AGE
+    assert hk_trigger.due(limit, _run(now + DAY, 500), 0, now) == hk_records.SIZE  # a start in the future
+    assert hk_trigger.due(limit, _run(now - DAY + 1, 0), 0, now) is None
+    assert hk_trigger.due(limit, _run(now - DAY, 0), 0, now) == hk_records.STALE  # others' fetches add up
+    assert hk_trigger.due(_settings(size=100, interval=2 * DAY), _run(now - DAY, 0), 0, now) is None
+    assert hk_run.target_size(100) == 90
 
 
 def test_a_process_counts_only_its_fetches_since_the_last_run(tmp_path):
-    tally = hk._Tally()
+    tally = hk_trigger._Tally()
     tally.add(100.2, 10)
     tally.add(100.7, 5)
     tally.add(102.0, 7)
     tally.add(103.5, 1)
     with cachefs.open_cache(str(tmp_path)) as cache:
-        hk._append_log(cache, (json.dumps(_run(102.4, 0).to_json()) + "\n").encode())
+        hk_records._append_log(cache, (json.dumps(_run(102.4, 0).to_json()) + "\n").encode())
         assert tally.observe(cache).start == 102.4
     assert tally.fetched_bytes == 8  # 102.0 is in the second the run started: kept
 
 
 def test_run_record_round_trip_and_rejection():
     record = _run(1.5, 40)
-    assert hk.RunRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
+    assert hk_records.RunRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
     for field, bad in [("removed", True), ("start", "soon"), ("size_after_bytes", 1.5),
                        ("user", 7), ("start", float("nan"))]:
         data = dict(record.to_json(), **{field: bad})
-        assert hk.RunRecord.from_json(data) is None, field
-    assert hk.RunRecord.from_json({k: v for k, v in record.to_json().items()
+        assert hk_records.RunRecord.from_json(data) is None, field
+    assert hk_records.RunRecord.from_json({k: v for k, v in record.to_json().items()
                                    if k != "pid"}) is None
-    assert hk.RunRecord.from_json([1, 2]) is None
+    assert hk_records.RunRecord.from_json([1, 2]) is None

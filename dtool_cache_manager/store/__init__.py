@@ -3,8 +3,9 @@ disk), in one SQLite database in the cache's bookkeeping directory.
 
 This package is the only one that imports a database driver or holds SQL; everything else
 asks it for operations (:class:`~dtool_cache_manager.store.ledger.Ledger`'s methods and
-:mod:`~dtool_cache_manager.store.diskindex`'s functions).  Its database errors reach
-callers as :data:`DatabaseError`, so that they need not import the driver either.
+:class:`~dtool_cache_manager.store.diskindex.DiskIndex`, as ``Ledger.index``); no
+connection leaves it.  Its database errors reach callers as :data:`DatabaseError`, so
+that they need not import the driver either.
 
 Locking
     SQLite in WAL mode: readers never block, one writer at a time, with a busy timeout.
@@ -21,6 +22,3 @@ import sqlite3
 
 #: The driver's base error, for callers that must tell a database failure from others.
 DatabaseError = sqlite3.Error
-
-#: A connection, for annotations outside the store.
-Connection = sqlite3.Connection

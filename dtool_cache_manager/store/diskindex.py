@@ -1043,3 +1043,50 @@ def uris_of_datasets(conn: sqlite3.Connection) -> Dict[str, List[str]]:
         result.setdefault(uuid, []).append(uri)
     return result
 
+
+
+class DiskIndex:
+    """The index of one open ledger, as callers outside the store see it: the queries they
+    need, and no connection (``Ledger.index``)."""
+
+    def __init__(self, conn: sqlite3.Connection, cache: CacheDir):
+        self._conn = conn
+        self._cache = cache
+
+    def refresh(self, full: bool = False,
+                progress: Optional[Callable[[int], None]] = None) -> Refresh:
+        return refresh(self._conn, self._cache, full=full, progress=progress)
+
+    def all_files(self, partial: bool = False) -> List[IndexedFile]:
+        return all_files(self._conn, partial)
+
+    def files_at(self, relpaths: Iterable[str]) -> List[IndexedFile]:
+        return files_at(self._conn, relpaths)
+
+    def files_with_identifiers(self, identifiers: Iterable[str]) -> List[IndexedFile]:
+        return files_with_identifiers(self._conn, identifiers)
+
+    def by_last_access(self, descending: bool, untracked: bool = False,
+                       limit: Optional[int] = None) -> Iterator[IndexedFile]:
+        return by_last_access(self._conn, descending, untracked, limit)
+
+    def in_lru_order(self) -> Iterator[Tuple[str, int, float, int]]:
+        return in_lru_order(self._conn)
+
+    def dir_totals(self) -> List[DirTotals]:
+        return dir_totals(self._conn)
+
+    def partials(self) -> List[IndexedFile]:
+        return partials(self._conn)
+
+    def count_tracked(self) -> int:
+        return count_tracked(self._conn)
+
+    def count_accessed_since(self, since: float) -> int:
+        return count_accessed_since(self._conn, since)
+
+    def dataset_groups(self, dirs: Sequence[DirTotals]) -> Dict[str, List[int]]:
+        return dataset_groups(self._conn, dirs)
+
+    def uris_of_datasets(self) -> Dict[str, List[str]]:
+        return uris_of_datasets(self._conn)

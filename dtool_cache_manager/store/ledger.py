@@ -15,7 +15,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 from .. import cachefs, holds, journal
 from . import diskindex
@@ -217,15 +217,65 @@ def _item_row(values) -> Optional[ItemRow]:
     return ItemRow(from_db(values[0]), *values[1:]) if row_ok(values, _ITEM_KINDS) else None
 
 
+@dataclass
+class _ItemTotals:
+    """One file's accesses in a batch, as they change its ``items`` row."""
+
+    __slots__ = ("uuid", "identifier", "scheme", "size_bytes", "first_cached", "last_access",
+                 "hits", "misses", "fetch_seconds")
+    uuid: str
+    identifier: str
+    scheme: str
+    size_bytes: int  # as of the latest access
+    first_cached: float  # the earliest mtime seen
+    last_access: float
+    hits: int
+    misses: int
+    fetch_seconds: float
+
+    def row(self) -> tuple:
+        return (self.uuid, self.identifier, self.scheme, self.size_bytes, self.first_cached,
+                self.last_access, self.hits, self.misses, self.fetch_seconds)
+
+
+@dataclass
+class _UserTotals:
+    """One user's accesses of one file in a batch (an ``item_users`` row)."""
+
+    __slots__ = ("hits", "misses", "last_access")
+    hits: int
+    misses: int
+    last_access: float
+
+
+@dataclass
+class _HourTotals:
+    """Accesses of one file through one URI by one user in one hour (a ``usage`` row)."""
+
+    __slots__ = ("uuid", "identifier", "hits", "misses", "hit_bytes", "miss_bytes",
+                 "fetch_seconds")
+    uuid: str
+    identifier: str
+    hits: int
+    misses: int
+    hit_bytes: int
+    miss_bytes: int
+    fetch_seconds: float
+
+    def row(self) -> tuple:
+        return (self.uuid, self.identifier, self.hits, self.misses, self.hit_bytes,
+                self.miss_bytes, self.fetch_seconds)
+
+
 class _Batch:
     """Journal records folded in memory, so one compaction issues one statement per row."""
 
     def __init__(self, removed_at: Dict[str, float]):
         self.removed_at = removed_at
-        self.items: Dict[str, list] = {}
-        self.uris: set = set()
-        self.users: Dict[Tuple[str, str], list] = {}
-        self.usage: Dict[Tuple[int, str, str, str], list] = {}
+        self.items: Dict[str, _ItemTotals] = {}
+        self.uris: Set[Tuple[str, str]] = set()
+        self.users: Dict[Tuple[str, str], _UserTotals] = {}
+        self.usage: Dict[Tuple[int, str, str, str], _HourTotals] = {}
         self.manifests: Dict[str, journal.ManifestRecord] = {}
         self.lost = 0
 
@@ -252,33 +302,35 @@ class _Batch:
                      hits: int, misses: int, fetch_seconds: float, last: float) -> None:
         """Accesses of one file in one hour, by ``user`` (user@host), added up; ``last`` the
         latest of them.  Those from before the file's last removal only add history."""
-        use = self.usage.setdefault((hour, relpath, user, uri),
-                                    [uuid, identifier, 0, 0, 0, 0, 0.0])
-        use[2] += hits
-        use[3] += misses
-        use[4] += size * hits
-        use[5] += size * misses
-        use[6] += fetch_seconds
+        use = self.usage.get((hour, relpath, user, uri))
+        if use is None:
+            use = self.usage[(hour, relpath, user, uri)] = _HourTotals(
+                uuid, identifier, 0, 0, 0, 0, 0.0)
+        use.hits += hits
+        use.misses += misses
+        use.hit_bytes += size * hits
+        use.miss_bytes += size * misses
+        use.fetch_seconds += fetch_seconds
         if before_removal:
             return  # the file these accesses saw has since been removed
         item = self.items.get(relpath)
         if item is None:
-            item = self.items[relpath] = [uuid, identifier, scheme, size, mtime, last, 0, 0,
-                                          0.0, last]
-        if last >= item[9]:
-            item[3], item[9] = size, last  # size as of the latest access
-        item[4] = min(item[4], mtime)
-        item[5] = max(item[5], last)
-        item[6] += hits
-        item[7] += misses
-        item[8] += fetch_seconds
+            item = self.items[relpath] = _ItemTotals(uuid, identifier, scheme, size, mtime,
+                                                     last, 0, 0, 0.0)
+        if last >= item.last_access:
+            item.size_bytes = size  # size as of the latest access
+        item.first_cached = min(item.first_cached, mtime)
+        item.last_access = max(item.last_access, last)
+        item.hits += hits
+        item.misses += misses
+        item.fetch_seconds += fetch_seconds
         self.uris.add((relpath, uri))
-        who = self.users.setdefault((relpath, user), [0, 0, last])
-        who[0] += hits
-        who[1] += misses
-        who[2] = max(who[2], last)
-
-
+        who = self.users.get((relpath, user))
+        if who is None:
+            who = self.users[(relpath, user)] = _UserTotals(0, 0, last)
+        who.hits += hits
+        who.misses += misses
+        who.last_access = max(who.last_access, last)
 
 
 def _names_item(relpath: str, identifier: str) -> bool:
@@ -452,7 +504,12 @@ class Ledger:
         self.cache = cache
         self.readonly = readonly
         self.timeout = timeout
-        self.conn = self._open()
+        self.conn = self._open()  # the store's alone: callers outside use the methods
+
+    @property
+    def index(self) -> diskindex.DiskIndex:
+        """The disk index kept in this ledger (see :mod:`diskindex`)."""
+        return diskindex.DiskIndex(self.conn, self.cache)
 
     # -- opening, corruption and schema ------------------------------------------------
 
@@ -739,7 +796,7 @@ class Ledger:
                  last_access = max(coalesce(last_access, 0), excluded.last_access),
                  hits = hits + excluded.hits, misses = misses + excluded.misses,
                  fetch_seconds = fetch_seconds + excluded.fetch_seconds""",
-            [(to_db(relpath), *v[:9]) for relpath, v in batch.items.items()])
+            [(to_db(relpath), *v.row()) for relpath, v in batch.items.items()])
         conn.executemany("INSERT OR IGNORE INTO item_uris (relpath, uri) VALUES (?, ?)",
                          [(to_db(r), uri) for r, uri in batch.uris])
         conn.executemany(
@@ -748,7 +805,8 @@ class Ledger:
                ON CONFLICT (relpath, user) DO UPDATE SET
                  hits = hits + excluded.hits, misses = misses + excluded.misses,
                  last_access = max(coalesce(last_access, 0), excluded.last_access)""",
-            [(to_db(relpath), user, *v) for (relpath, user), v in batch.users.items()])
+            [(to_db(relpath), user, v.hits, v.misses, v.last_access)
+             for (relpath, user), v in batch.users.items()])
         conn.executemany(
             """INSERT INTO usage (hour, relpath, user, uri, uuid, identifier, hits, misses,
                                   hit_bytes, miss_bytes, fetch_seconds)
@@ -758,7 +816,7 @@ class Ledger:
                  hit_bytes = hit_bytes + excluded.hit_bytes,
                  miss_bytes = miss_bytes + excluded.miss_bytes,
                  fetch_seconds = fetch_seconds + excluded.fetch_seconds""",
-            [(hour, to_db(relpath), user, uri, *v)
+            [(hour, to_db(relpath), user, uri, *v.row())
              for (hour, relpath, user, uri), v in batch.usage.items()])
         conn.executemany(
             """UPDATE items SET item_relpath = ?, manifest_size = ?, manifest_hash = ?,
@@ -768,7 +826,7 @@ class Ledger:
               to_db(m.relpath)) for m in batch.manifests.values()])
         diskindex.note_accesses(
             conn, [to_db(r) for r in batch.items],
-            {(batch.items[r][0], uri) for r, uri in batch.uris if r in batch.items})
+            {(batch.items[r].uuid, uri) for r, uri in batch.uris if r in batch.items})
         if batch.lost:
             conn.execute("""INSERT INTO meta VALUES ('lost_records', ?)
                             ON CONFLICT (key) DO UPDATE SET

@@ -2,8 +2,9 @@
 
 ``pre_item_content_abspath`` takes the in-use hold (before the broker can fetch, so a
 cleaner cannot slip in); ``post_item_content_abspath`` journals the access and, after a
-miss, lets :mod:`housekeeping` decide whether to start a background clean.  Both are per
-process and per cache directory, and neither opens the ledger: see ``docs/design.rst``.
+miss, lets :mod:`~dtool_cache_manager.housekeeping` decide whether to start a background
+clean.  Both are per process and per cache directory, and neither opens the ledger: see
+``docs/design.rst``.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import time
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional, Set, Tuple
 
-from . import cachefs
-from .holds import HoldKey, HoldsFile
+from .. import cachefs
+from ..holds import HoldKey, HoldsFile
 from .host import current_access
 from .hookspecs import hookimpl
-from .journal import JournalWriter, ManifestRecord
-from .layout import current_identity
+from ..journal import JournalWriter, ManifestRecord
+from ..layout import current_identity
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class ProcessSession:
         if self.cache.unsafe is not None:
             return
         try:
-            from .store.ledger import Ledger
+            from ..store.ledger import Ledger
 
             with Ledger(self.cache, timeout=2.0) as ledger:
                 ledger.compact(only_token=self.holds.token, owner_leaving=leaving)
@@ -190,7 +191,7 @@ def post_item_content_abspath(uri, identifier, abspath):
 def _after_miss(cache_dir: str, size_bytes: int) -> None:
     """Automatic housekeeping (imported on the first miss, not at start-up); fail-open."""
     try:
-        from .housekeeping import after_miss
+        from ..housekeeping.trigger import after_miss
 
         after_miss(cache_dir, size_bytes)
     except Exception as exc:  # noqa: BLE001

@@ -12,7 +12,7 @@ dtoolcore's own.  Why not a ``.pth`` file or the ``dtool.cli`` group: see
 """
 
 from .host import install
-from .layout import tracking_disabled
+from ..layout import tracking_disabled
 
 #: What ``dtool --version`` prints in its "Storage brokers" list for this entry point.
 #: Parentheses, spaces and the colon cannot appear in a URI scheme (RFC 3986), so no URI

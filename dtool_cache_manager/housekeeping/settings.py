@@ -83,7 +83,7 @@ def check_key(key: str) -> str:
 
 def parse_value(key: str, text: str) -> Union[int, float]:
     """Bytes for the size, seconds for the ages; SettingsError with the parser's hint."""
-    from .params import AGE, SIZE, BadInput  # click + humanfriendly: only when a value is set
+    from ..params import AGE, SIZE, BadInput  # click + humanfriendly: only when a value is set
 
     try:
         return SIZE.convert(text, None, None) if key == MAX_SIZE else AGE.convert(text, None, None)

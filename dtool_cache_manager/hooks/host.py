@@ -33,10 +33,10 @@ from typing import Any, Callable, Dict, Optional
 import dtoolcore
 from dtoolcore.utils import generous_parse_uri
 
-from . import cachefs
-from .errors import IncompleteItemError
-from .layout import configured_cache_dir, is_item_relpath, relpath_in, tracking_disabled
-from .rangelock import open_range_lock
+from .. import cachefs
+from ..errors import IncompleteItemError
+from ..layout import configured_cache_dir, is_item_relpath, relpath_in, tracking_disabled
+from ..rangelock import open_range_lock
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Implementations may accept any subset of a spec's arguments (pluggy matches them by name).
 For more context than the arguments carry (dataset UUID, cache directory, hit or miss, fetch
-time), an implementation may call :func:`dtool_cache_manager.host.current_access`.
+time), an implementation may call :func:`dtool_cache_manager.hooks.host.current_access`.
 """
 
 import pluggy
