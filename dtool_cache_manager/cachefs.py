@@ -38,7 +38,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import pwd
 import stat
 import threading
 import time
@@ -46,6 +45,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
+from .facilities import pwd
 from .errors import CacheManagerError
 from .layout import META_DIRNAME
 

@@ -15,7 +15,8 @@ from contextlib import contextmanager
 
 import click
 
-from . import __version__, audit as audit_mod, formatting, housekeeping, planning, report
+from . import __version__, audit as audit_mod, cachefs, facilities, formatting, housekeeping
+from . import planning, report, sharing
 from .housekeeping import settings as settings_mod
 from .store.ledger import open_ledger
 from .errors import CacheManagerError, InvalidInput
@@ -92,6 +93,9 @@ def cache():
     Every access to a cached item is recorded (hits, misses, users, fetch time) and items
     a live process uses are never removed.
     """
+    why = facilities.unavailable()
+    if why is not None:
+        raise click.ClickException(f"dtool cache cannot work on this platform: {why}")
 
 
 @cache.command(short_help="How much space the cache uses and what is in it.")
@@ -106,7 +110,8 @@ def summary(cache_dir, as_json, rescan):
     directory = _cache_directory(cache_dir)
     result = _guarded(report.summarize, directory, None, rescan)
     status = _guarded(housekeeping.status, directory, *limits)
-    click.echo(formatting.render_summary(result, as_json, housekeeping=status))
+    click.echo(formatting.render_summary(result, as_json, housekeeping=status,
+                                         sharing=_sharing(directory)))
 
 
 @cache.command(name="ls")
@@ -123,9 +128,10 @@ def ls(cache_dir, as_json, dataset, sort, limit, in_use, untracked):
     """List cached items with their usage."""
     _guarded(report.parse_sort, sort)  # bad input fails before any work
     _check_dataset(dataset)
-    items = _guarded(report.list_cached, _cache_directory(cache_dir), sort, limit, in_use,
-                     untracked, dataset)
+    directory = _cache_directory(cache_dir)
+    items = _guarded(report.list_cached, directory, sort, limit, in_use, untracked, dataset)
     click.echo(formatting.render_items(items, as_json))
+    _note_other_hosts(directory)
 
 
 @cache.command(short_help="Remove items by age, size or use; never those in use.")
@@ -166,6 +172,8 @@ def clean(cache_dir, as_json, dataset, remove_all, older_than, retain_size,
     directory = _cache_directory(cache_dir, must_exist=True)
     if not (dry_run or os.access(directory, os.W_OK)):
         raise BadInput(f"cannot clean {directory}: you may not write to it")
+    if not dry_run:
+        _require_single_host(directory)
     rules = Rules(remove_all=remove_all, older_than_seconds=older_than,
                   exclude_frequently_accessed=exclude_frequently_accessed,
                   retain_size_bytes=retain_size, policy=policy)
@@ -184,6 +192,7 @@ def clean(cache_dir, as_json, dataset, remove_all, older_than, retain_size,
             if plan.removals and (dry_run or not yes) else None
         if dry_run:
             click.echo(formatting.render_clean_plan(plan, note, as_json, naming, list_all))
+            _note_other_hosts(directory)
             return
         if not yes:
             click.echo(formatting.render_clean_plan(plan, note, False, naming, list_all))
@@ -224,6 +233,7 @@ def audit_command(cache_dir, as_json, by, since):
     directory = _cache_directory(cache_dir)
     rows = _guarded(_audit_rows, directory, by, since_time)
     click.echo(formatting.render_audit(rows, audit_mod.totals(rows), by, as_json))
+    _note_other_hosts(directory)
 
 
 def _audit_rows(directory, by, since_time):
@@ -246,6 +256,8 @@ def verify_command(cache_dir, as_json, check_hash, fix):
     from . import verify as verify_mod
 
     directory = _cache_directory(cache_dir)
+    if fix:
+        _require_single_host(directory)
     results = _guarded(_verify_results, directory, check_hash, fix)
     click.echo(formatting.render_verify(results, as_json))
     if any(r.status not in (verify_mod.OK, verify_mod.UNVERIFIABLE) and not r.fixed
@@ -346,6 +358,7 @@ def autoclean_command(cache_dir, as_json):
     directory = _cache_directory(cache_dir, must_exist=True)
     if not os.access(directory, os.W_OK):
         raise BadInput(f"cannot clean {directory}: you may not write to it")
+    _require_single_host(directory)
     try:
         record = _guarded(housekeeping.run_now, directory, limits)
     except housekeeping.Busy as exc:
@@ -353,6 +366,54 @@ def autoclean_command(cache_dir, as_json):
     click.echo(formatting.render_autoclean(record, as_json))
     if record.error:
         sys.exit(1)
+
+
+@cache.command(name="init", short_help="Show or declare which hosts use the cache.")
+@cache_dir_option
+@json_option
+@click.option("--single-host/--no-single-host", default=None,
+              help="Declare that only this host uses the cache (or withdraw that).")
+def init_command(cache_dir, as_json, single_host):
+    """Show which hosts may use the cache, or declare that only this one does.
+
+    Holds are seen by one host's kernel.  A cache on a network or FUSE filesystem (NFS,
+    Lustre, GPFS, CIFS, sshfs ...), or on one whose type this platform cannot tell, may be
+    used by other hosts too: clean, verify --fix and automatic housekeeping then remove
+    nothing, until the cache's owner (or root) declares with --single-host that only this
+    host uses it.  A cache on a local disk needs no declaration.
+    """
+    directory = _cache_directory(cache_dir, must_exist=True)
+    if single_host is not None:
+        _guarded(_declare, directory, single_host)
+    click.echo(formatting.render_sharing(directory, _sharing(directory), as_json))
+
+
+def _declare(directory: str, single_host: bool) -> None:
+    with cachefs.open_cache(directory) as cache:
+        sharing.declare(cache, single_host)
+
+
+def _sharing(directory: str) -> sharing.Sharing:
+    def look() -> sharing.Sharing:
+        with cachefs.open_cache(directory, create=False) as cache:
+            return sharing.sharing_of(cache)
+    return _guarded(look)
+
+
+def _require_single_host(directory: str) -> None:
+    """Refuse a removal, before any work, where other hosts may use the cache."""
+    found = _sharing(directory)
+    if not found.single_host:
+        raise BadInput(found.refusal(directory))
+
+
+def _note_other_hosts(directory: str) -> None:
+    """Say, after a listing, that what other hosts do is not in it."""
+    found = _sharing(directory)
+    if not found.single_host:
+        click.echo(f"Note: {directory} is on {found.filesystem_text}: other hosts' use of "
+                   f"it is not shown, and nothing is removed from it; {sharing.HOW_TO_DECLARE}.",
+                   err=True)
 
 
 def _guarded(fn, *args):

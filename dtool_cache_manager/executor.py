@@ -30,6 +30,7 @@ from .layout import is_item_relpath
 from .store import DatabaseError
 from .store.ledger import ItemRow, Ledger, Removed, open_ledger
 from .rangelock import GateBusy, open_range_lock
+from .sharing import require_single_host
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +51,10 @@ class RemovalOutcome:
 
 
 def require_safe_holds(cache: CacheDir) -> None:
-    """Holds that a member could hide prove nothing, and without the gate a hold could slip
-    in between the check and the unlink: then refuse to remove anything."""
+    """Holds that a member could hide prove nothing, holds taken on another host are not
+    seen here, and without the gate a hold could slip in between the check and the unlink:
+    then refuse to remove anything."""
+    require_single_host(cache)
     if cache.holds_unsafe is not None:
         raise UnsafeCache(f"not removing anything: {cache.holds_unsafe}")
     try:

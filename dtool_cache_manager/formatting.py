@@ -18,6 +18,7 @@ from .executor import CleanPlan, CleanResult
 from .housekeeping import AutocleanStatus, RunRecord
 from .planning import Naming
 from .report import ItemView, Summary
+from .sharing import HOW_TO_DECLARE, SINGLE_HOST, Sharing
 from .housekeeping.settings import MAX_SIZE, Setting
 
 if TYPE_CHECKING:
@@ -127,13 +128,16 @@ def _pid(pid) -> str:
 
 
 def render_summary(summary: Summary, as_json: bool,
-                   housekeeping: Optional[AutocleanStatus] = None) -> str:
+                   housekeeping: Optional[AutocleanStatus] = None,
+                   sharing: Optional[Sharing] = None) -> str:
     if as_json:
         data = dataclasses.asdict(summary)
         for ds in data["datasets"]:
             ds["last_access"] = iso_utc(ds["last_access"])
         if housekeeping is not None:
             data["housekeeping"] = housekeeping_json(housekeeping)
+        if sharing is not None:
+            data["sharing"] = sharing.to_json()
         return _dumps(data)
     lines = [
         f"Cache directory: {show(summary.cache_directory)}",
@@ -156,12 +160,43 @@ def render_summary(summary: Summary, as_json: bool,
     if summary.lost_records:
         lines.append(f"Not recorded:    {plural(summary.lost_records, 'access')} "
                      "(the disk was full)")
+    if sharing is not None:
+        lines += sharing_lines(sharing)
     if housekeeping is not None:
         lines += housekeeping_lines(housekeeping)
     if summary.datasets:
         rows = [row for d in summary.datasets for row in dataset_rows(
             d.key, d.uris, [str(d.num_items), size(d.size_bytes), ago(d.last_access)])]
         lines += ["", fit_table(rows, ["Dataset", "Items", "Size", "Last access"]), DATASET_RULE]
+    return "\n".join(lines)
+
+
+# -- sharing ---------------------------------------------------------------------------
+
+
+def sharing_lines(sharing: Sharing) -> List[str]:
+    """Who may use the cache: the ``Hosts:`` lines of ``summary`` and ``init``."""
+    if sharing.mode == "local":
+        return [f"Hosts:           this host only (a local filesystem, {sharing.filesystem})"]
+    if sharing.mode == SINGLE_HOST:
+        when = f" on {iso_utc(sharing.declared_at)}" if sharing.declared_at else ""
+        return [f"Hosts:           this host only, as {sharing.declared_by} declared{when}"]
+    return [f"Hosts:           possibly several: the cache is on {sharing.filesystem_text}",
+            "                 their use is invisible here, and nothing is removed from it"]
+
+
+def render_sharing(cache_dir: str, sharing: Sharing, as_json: bool) -> str:
+    """``dtool cache init``: the cache's mode."""
+    if as_json:
+        data = sharing.to_json()
+        data["declared_at"] = iso_utc(sharing.declared_at)
+        return _dumps({"cache_directory": cache_dir, **data})
+    kind = "local" if sharing.local else "possibly shared"
+    lines = [f"Cache directory: {show(cache_dir)}",
+             f"Filesystem:      {sharing.filesystem or 'unknown'} ({kind})",
+             *sharing_lines(sharing)]
+    if not sharing.single_host:
+        lines.append(f"                 {HOW_TO_DECLARE}")
     return "\n".join(lines)
 
 

@@ -24,7 +24,6 @@ can slip in between the check and the unlink.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple
 
+from .facilities import fcntl
 from . import cachefs
 from .cachefs import CacheDir, Refused
 from .layout import Identity, is_item_relpath, user_at_host

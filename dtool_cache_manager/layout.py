@@ -7,10 +7,11 @@ cache shares the same numbers, and so that a scan of the cache can skip it by na
 from __future__ import annotations
 
 import os
-import pwd
 import socket
 from dataclasses import dataclass
 from typing import Optional, Union
+
+from .facilities import pwd
 
 
 META_DIRNAME = ".dtool-cache-manager"

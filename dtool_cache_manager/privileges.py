@@ -14,8 +14,8 @@ identity: the hooks and the API only use descriptors, and refuse what needs more
 from __future__ import annotations
 
 import os
-import pwd
 
+from .facilities import pwd
 from . import cachefs
 from .errors import UnsafeCache
 

@@ -13,7 +13,6 @@ without it (an access holds anyway; a removal keeps the file).
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import os
 import threading
@@ -22,6 +21,7 @@ from contextlib import contextmanager
 from typing import (TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Set,
                     Tuple)
 
+from .facilities import fcntl
 from . import cachefs
 
 if TYPE_CHECKING:

@@ -119,6 +119,7 @@ COMMANDS = [
     ("bad_age", ["cache", "clean", "--older-than", "banana"]),
     ("bad_combination", ["cache", "clean", "--all", "--retain-size", "1TB"]),
     ("bad_option", ["cache", "ls", "--limit", "-1"]),
+    ("init", ["cache", "init"]),
 ]
 
 HOLDER_CODE = """
@@ -196,7 +197,16 @@ def strip_warnings(text):
 def stabilise(text, cache_dir, base_url):
     for path in {cache_dir, os.path.realpath(cache_dir)}:
         text = text.replace(path, PLACEHOLDER_CACHE)
+    for pattern, replacement in _LOCAL_FILESYSTEM:  # /tmp may be ext4, tmpfs, xfs ...
+        text = pattern.sub(replacement, text)
     return text.replace(base_url, PLACEHOLDER_URL)
+
+
+_LOCAL_FILESYSTEM = [
+    (re.compile(r"(a local filesystem, )[^)]+(\))"), r"\1ext2/3/4\2"),
+    (re.compile(r'("filesystem": )"[^"]*"(,\s*"local": true)'), r'\1"ext2/3/4"\2'),
+    (re.compile(r"^(Filesystem: +)\S+( \(local\))$", re.M), r"\1ext2/3/4\2"),
+]
 
 
 def rerender_tables(text):

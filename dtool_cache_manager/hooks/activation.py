@@ -9,10 +9,16 @@ has the ``key`` that dtoolcore and ``dtool --version`` read.  That key can never
 scheme of a URI, so dtoolcore never routes a dataset to it, and the ``file`` broker stays
 dtoolcore's own.  Why not a ``.pth`` file or the ``dtool.cli`` group: see
 ``docs/design.rst``.
+
+Loading this module can never fail: dtoolcore imports it while it builds *any* dataset, so
+an exception here would break every dtool command.  Where the platform lacks what tracking
+needs (:mod:`~dtool_cache_manager.facilities`), or anything else goes wrong, tracking is off
+in this process, with one warning, and dtool works as without the plugin.
 """
 
-from .host import install
-from ..layout import tracking_disabled
+import logging
+
+logger = logging.getLogger(__name__)
 
 #: What ``dtool --version`` prints in its "Storage brokers" list for this entry point.
 #: Parentheses, spaces and the colon cannot appear in a URI scheme (RFC 3986), so no URI
@@ -34,5 +40,35 @@ class CacheTracking:
                         "not a storage broker: use a URI with a real scheme")
 
 
-if not tracking_disabled():
-    install()
+def _activate() -> None:
+    try:
+        from ..facilities import unavailable
+        from ..layout import DISABLE_ENV, tracking_disabled
+
+        if tracking_disabled():
+            return
+        why = unavailable()
+        if why is not None:
+            if not _is_cache_command():  # that command says why, in its one line
+                logger.warning("dtool-cache-manager: cache tracking is off: %s; dtool works "
+                               "as without the plugin (%s=1 silences this)", why, DISABLE_ENV)
+            return
+        from .host import install
+
+        install()
+    except Exception as exc:  # noqa: BLE001 - the user's dtool comes first
+        logger.warning("dtool-cache-manager: cache tracking is off: it failed to start "
+                       "(%r); dtool works as without the plugin", exc)
+
+
+def _is_cache_command() -> bool:
+    """Is this process ``dtool cache ...`` or ``dtool-cache``?  (dtool-cli loads every
+    storage-broker entry point at start-up, for ``--version``.)"""
+    import os
+    import sys
+
+    name = os.path.basename(sys.argv[0]) if sys.argv else ""
+    return name == "dtool-cache" or (name == "dtool" and sys.argv[1:2] == ["cache"])
+
+
+_activate()

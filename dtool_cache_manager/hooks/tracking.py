@@ -21,6 +21,7 @@ from .. import cachefs
 from ..holds import HoldKey, HoldsFile
 from .host import current_access
 from .hookspecs import hookimpl
+from ..facilities import after_fork_in_child
 from ..journal import JournalWriter, ManifestRecord
 from ..layout import current_identity
 
@@ -250,6 +251,7 @@ def release(cache_dir: str, uri: str, identifier: str) -> int:
 
 @atexit.register
 def _close_sessions() -> None:
+    _sessions.get("")  # in a forked child without fork hooks: forgets the parent's first
     for session in list(_sessions.values()):
         if session is not None:
             try:
@@ -262,7 +264,7 @@ def _close_sessions() -> None:
 def _after_fork_in_child() -> None:
     # The child must neither keep the parent's holds alive after the parent dies, nor
     # write into the parent's files: drop the inherited descriptors and start afresh.
-    for session in list(_sessions.values()):
+    for session in list(dict.values(_sessions)):
         if session is not None:
             for fd in (session.holds._fd, session.journal._fd, session.journal._dir_fd):
                 try:
@@ -272,4 +274,21 @@ def _after_fork_in_child() -> None:
     _sessions.clear()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+class _SessionsOfThisProcess(Dict[str, Optional[ProcessSession]]):
+    """The sessions, where the platform cannot tell us of a fork (no
+    ``os.register_at_fork``): a child forgets its parent's the first time it looks them up
+    (or at its exit), as the fork hook would have made it do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pid = os.getpid()
+
+    def get(self, key, default=None):
+        if os.getpid() != self.pid:
+            self.pid = os.getpid()
+            _after_fork_in_child()
+        return dict.get(self, key, default)
+
+
+if not after_fork_in_child(_after_fork_in_child):
+    _sessions = _SessionsOfThisProcess()

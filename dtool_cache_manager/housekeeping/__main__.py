@@ -4,11 +4,11 @@ or one run by hand."""
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import sys
 from typing import Optional, Sequence
 
+from ..facilities import fcntl
 from .records import MANUAL
 from .run import Busy, run_clean, run_now
 from .trigger import CHILD_MODULE

@@ -8,7 +8,6 @@ bookkeeping's owner replaces files there, so every line is parsed with type chec
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import math
@@ -16,6 +15,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Optional, Tuple
 
+from ..facilities import fcntl
 from .. import cachefs
 from ..cachefs import CacheDir
 from . import settings as settings_mod

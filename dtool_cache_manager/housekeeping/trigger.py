@@ -21,6 +21,7 @@ from typing import Deque, Dict, List, Optional, Tuple, Union
 
 from .. import cachefs
 from ..cachefs import CacheDir
+from ..facilities import after_fork_in_child
 from ..layout import DISABLE_ENV
 from . import settings as settings_mod
 from .records import (AGE, SIZE, STALE, UNMEASURED, RunRecord, read_last_run, try_lock)
@@ -116,6 +117,8 @@ def after_miss(cache_dir: str, size_bytes: int) -> None:
     Never raises and never waits: the user's access comes first.
     """
     try:
+        if not _FORK_HOOKS and os.getpid() != _pid:
+            _forget_after_fork()
         settings = _hook_settings()
         if settings is None or not settings.limits_set:
             return
@@ -203,8 +206,11 @@ def _warn_once(message: str) -> None:
 
 def _forget_after_fork() -> None:
     # A forked child has fetched nothing yet and started no run.
+    global _pid
+    _pid = os.getpid()
     _tallies.clear()
     _children.clear()
 
 
-os.register_at_fork(after_in_child=_forget_after_fork)
+_pid = os.getpid()
+_FORK_HOOKS = after_fork_in_child(_forget_after_fork)  # else after_miss compares pids

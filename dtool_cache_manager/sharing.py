@@ -1,0 +1,163 @@
+"""Is a cache used from one host only?  Its filesystem's type, and what its owner declared.
+
+A hold is a lock one kernel keeps, and liveness is what one kernel knows: a process on
+another host that reads the same files over NFS, Lustre or GPFS holds nothing a clean here
+can see.  So a cache on a filesystem other hosts may share is *possibly shared*, and
+nothing is deleted from it (``clean``, ``verify --fix``, ``remove_cache_item_safely``,
+automatic housekeeping) unless its owner declared that one host uses it::
+
+    dtool cache init --single-host
+
+The declaration is a small JSON file in the bookkeeping directory, which only its owner
+(or root) may write; it is believed only if that directory can be trusted (see
+:mod:`cachefs`), and the file is owned by someone trusted and writable by nobody else.
+
+Which filesystems are local comes from Linux's ``fstatfs`` (:mod:`facilities`).  Where the
+platform cannot tell (macOS, a sandbox that denies the call), the filesystem is unknown,
+which counts as possibly shared: the safe side.  A local disk this host exports to others
+(an NFS server's own view) looks local: such a cache must not be declared, and needs a
+coordinator shared by every host (``docs/design.rst``).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from . import cachefs, facilities
+from .cachefs import CacheDir
+from .errors import InvalidInput
+
+DECLARATION = "sharing.json"  # in the bookkeeping directory
+SINGLE_HOST = "single-host"
+MAX_DECLARATION_BYTES = 4096
+HOW_TO_DECLARE = ("if only this host uses it, its owner can say so: "
+                  "dtool cache init --single-host")
+
+
+class PossiblyShared(InvalidInput):
+    """A removal refused: other hosts may use the cache, and their holds are invisible here.
+    Exit status 2 on the command line, as for input that cannot be honoured."""
+
+
+@dataclass(frozen=True)
+class Sharing:
+    """What is known about who may use a cache: its filesystem, and its declaration."""
+
+    filesystem: Optional[str]  # as Linux names it ("ext2/3/4", "nfs", "fuse"); None: unknown
+    local: bool  # a filesystem only this host's kernel serves
+    declared: Optional[str]  # SINGLE_HOST, or None
+    declared_by: Optional[str]  # the declaration file's owner, as the kernel says
+    declared_at: Optional[float]
+
+    @property
+    def single_host(self) -> bool:
+        return self.local or self.declared == SINGLE_HOST
+
+    @property
+    def mode(self) -> str:
+        """``local``, ``single-host`` (declared) or ``possibly-shared``."""
+        if self.local:
+            return "local"
+        return SINGLE_HOST if self.declared == SINGLE_HOST else "possibly-shared"
+
+    @property
+    def filesystem_text(self) -> str:
+        if self.filesystem is None:
+            return "a filesystem of a type this platform cannot tell"
+        return f"a {'local' if self.local else 'network or FUSE'} filesystem ({self.filesystem})"
+
+    def refusal(self, cache_dir: str) -> str:
+        """The one line a refused removal prints."""
+        return (f"not removing anything: {cache_dir} is on {self.filesystem_text}, so other "
+                f"hosts may be using its items, and their holds are invisible here; "
+                f"{HOW_TO_DECLARE}")
+
+    def to_json(self) -> dict:
+        return {"mode": self.mode, "filesystem": self.filesystem, "local": self.local,
+                "declared": self.declared, "declared_by": self.declared_by,
+                "declared_at": self.declared_at}
+
+
+def filesystem_of(cache: CacheDir) -> tuple:
+    """(name or None, local?) of the filesystem holding the cache's root."""
+    magic = facilities.filesystem_magic(cache.root_fd)
+    if magic is None:
+        return None, False
+    if magic in facilities.LOCAL_FILESYSTEMS:
+        return facilities.LOCAL_FILESYSTEMS[magic], True
+    return facilities.SHARED_FILESYSTEMS.get(magic, f"type {magic:#x}"), False
+
+
+def sharing_of(cache: CacheDir) -> Sharing:
+    name, local = filesystem_of(cache)
+    declared = _read_declaration(cache)
+    if declared is None:
+        return Sharing(name, local, None, None, None)
+    return Sharing(name, local, *declared)
+
+
+def require_single_host(cache: CacheDir) -> None:
+    """Refuse (:class:`PossiblyShared`) to remove anything from a cache other hosts may use."""
+    sharing = sharing_of(cache)
+    if not sharing.single_host:
+        raise PossiblyShared(sharing.refusal(cache.path))
+
+
+def _read_declaration(cache: CacheDir):
+    """(mode, owner's name, time) from the declaration, or None if there is none we trust."""
+    if cache.meta_fd is None or cache.unsafe is not None:
+        return None
+    try:
+        fd, st = cachefs.open_file(cache.meta_fd, DECLARATION)
+    except OSError:
+        return None
+    try:
+        if st.st_uid not in cache.trusted() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) \
+                or st.st_nlink != 1:
+            return None
+        data = json.loads(cachefs.read_at_most(fd, MAX_DECLARATION_BYTES))
+    except (OSError, ValueError, RecursionError):
+        return None
+    finally:
+        os.close(fd)
+    if not isinstance(data, dict) or data.get("mode") != SINGLE_HOST:
+        return None
+    at = data.get("declared_at")
+    at = float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) else None
+    return SINGLE_HOST, cachefs.user_name(st.st_uid), at
+
+
+def declare(cache: CacheDir, single_host: bool) -> None:
+    """Write (or, with ``single_host`` False, remove) the declaration.  Only the
+    bookkeeping's owner or root may: :class:`InvalidInput` otherwise."""
+    if cache.meta_fd is None or not cache.can_write_meta:
+        owner = cachefs.user_name(cache.meta_stat.st_uid if cache.meta_stat else None)
+        raise InvalidInput(f"only the owner of {cache.meta_path} ({owner}) or root may "
+                           "declare how the cache is shared")
+    if cache.unsafe is not None:
+        raise InvalidInput(f"cannot declare how the cache is shared: {cache.unsafe}")
+    if not single_host:
+        try:
+            cachefs.unlink_entry(cache.meta_fd, DECLARATION)
+        except FileNotFoundError:
+            pass
+        return
+    body = json.dumps({"version": 1, "mode": SINGLE_HOST, "declared_at": time.time()})
+    tmp = f"{DECLARATION}.new-{os.getpid()}"
+    fd = cachefs.create_file(cache.meta_fd, tmp, cachefs.OWN_FILE_MODE)
+    try:
+        os.write(fd, body.encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        cachefs.rename_entry(cache.meta_fd, tmp, DECLARATION)
+    except OSError as exc:
+        cachefs.unlink_entry(cache.meta_fd, tmp)
+        raise cachefs.Refused(exc.errno or errno.EIO, f"cannot write the declaration: {exc}")
