@@ -433,6 +433,8 @@ class CacheDir:
     unsafe: Optional[str] = None
     holds_unsafe: Optional[str] = None
     repairs: List[str] = field(default_factory=list)
+    # Whether only this host uses the cache, once sharing.single_host has looked (None: not yet).
+    single_host: Optional[bool] = None
 
     @property
     def shared(self) -> bool:

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from contextlib import contextmanager
+from typing import Optional
 
 import click
 
@@ -385,7 +386,9 @@ def init_command(cache_dir, as_json, single_host):
     directory = _cache_directory(cache_dir, must_exist=True)
     if single_host is not None:
         _guarded(_declare, directory, single_host)
-    click.echo(formatting.render_sharing(directory, _sharing(directory), as_json))
+    found = _sharing(directory)
+    assert found is not None  # the directory exists: checked above
+    click.echo(formatting.render_sharing(directory, found, as_json))
 
 
 def _declare(directory: str, single_host: bool) -> None:
@@ -393,7 +396,12 @@ def _declare(directory: str, single_host: bool) -> None:
         sharing.declare(cache, single_host)
 
 
-def _sharing(directory: str) -> sharing.Sharing:
+def _sharing(directory: str) -> Optional[sharing.Sharing]:
+    """Who may use the cache; None for a cache that does not exist yet (dtool's configured
+    one, before any access): nothing is in it, nothing to say."""
+    if not os.path.isdir(directory):
+        return None
+
     def look() -> sharing.Sharing:
         with cachefs.open_cache(directory, create=False) as cache:
             return sharing.sharing_of(cache)
@@ -403,14 +411,14 @@ def _sharing(directory: str) -> sharing.Sharing:
 def _require_single_host(directory: str) -> None:
     """Refuse a removal, before any work, where other hosts may use the cache."""
     found = _sharing(directory)
-    if not found.single_host:
+    if found is not None and not found.single_host:
         raise BadInput(found.refusal(directory))
 
 
 def _note_other_hosts(directory: str) -> None:
     """Say, after a listing, that what other hosts do is not in it."""
     found = _sharing(directory)
-    if not found.single_host:
+    if found is not None and not found.single_host:
         click.echo(f"Note: {directory} is on {found.filesystem_text}: other hosts' use of "
                    f"it is not shown, and nothing is removed from it; {sharing.HOW_TO_DECLARE}.",
                    err=True)

@@ -41,6 +41,7 @@ from . import cachefs
 from .cachefs import CacheDir, Refused
 from .layout import Identity, is_item_relpath, user_at_host
 from .rangelock import GateBusy, RangeLockFile, open_range_lock
+from .sharing import single_host
 
 logger = logging.getLogger(__name__)
 
@@ -275,7 +276,7 @@ def _parse_holds(data: bytes) -> Tuple[Set[str], Set[str]]:
 def live_holds(cache: CacheDir, reap: bool = True) -> HoldsSnapshot:
     """Every live process's holds.  With ``reap``, delete files left by dead processes
     (where we may: in a sticky directory only their owners and root can)."""
-    live: List[Tuple[str, os.stat_result, Optional[Tuple[Set[str], Set[str]]]]] = []
+    live: List[Tuple[str, os.stat_result, Optional[Tuple[Set[str], Set[str]]], bool]] = []
     fd_dir = cache.holds_fd
     if fd_dir is None:
         return HoldsSnapshot({}, {})
@@ -284,19 +285,21 @@ def live_holds(cache: CacheDir, reap: bool = True) -> HoldsSnapshot:
             if reap:
                 _reap_orphan(fd_dir, name)
             continue
-        found = _read_one(fd_dir, name, reap)
+        found = _read_one(fd_dir, name, reap, cache)
         if found is not None:
             live.append((name, *found))
     if not live:
         return HoldsSnapshot({}, {})
-    pids = cachefs.flock_holders([st for _, st, _ in live]) or {}
+    pids = cachefs.flock_holders([st for _, st, _, _ in live]) or {}
     host = socket.gethostname()
     paths: Dict[str, List[Holder]] = {}
     identifiers: Dict[str, List[Holder]] = {}
     unreadable = []
-    for name, st, held in live:
-        holder = Holder(cachefs.user_name(st.st_uid), host, pids.get((st.st_dev, st.st_ino)),
-                        name)
+    for name, st, held, here in live:
+        # A lock this host cannot see: a process of another host (or a dead one), host and
+        # pid unknown.
+        holder = Holder(cachefs.user_name(st.st_uid), host if here else "?",
+                        pids.get((st.st_dev, st.st_ino)) if here else None, name)
         if held is None:
             unreadable.append(holder)
             continue
@@ -308,10 +311,12 @@ def live_holds(cache: CacheDir, reap: bool = True) -> HoldsSnapshot:
                          {k: tuple(v) for k, v in identifiers.items()}, tuple(unreadable))
 
 
-def _read_one(dir_fd: int, name: str, reap: bool
-              ) -> Optional[Tuple[os.stat_result, Optional[Tuple[Set[str], Set[str]]]]]:
-    """(stat, (paths, identifiers) or None if unreadable) of a live holds file; None if it
-    is dead, gone, or not a holds file at all (a link, a directory, a FIFO)."""
+def _read_one(dir_fd: int, name: str, reap: bool, cache: CacheDir
+              ) -> Optional[Tuple[os.stat_result, Optional[Tuple[Set[str], Set[str]]], bool]]:
+    """(stat, (paths, identifiers) or None if unreadable, held on this host?) of a live holds
+    file; None if it is dead, gone, or not a holds file at all (a link, a directory, a FIFO).
+    A file whose lock we could take is dead only if no other host may use the cache: a lock
+    taken on another host does not reach this one (NFS, Lustre: see sharing)."""
     try:
         fd, st = cachefs.open_file(dir_fd, name)
     except Refused:
@@ -325,9 +330,12 @@ def _read_one(dir_fd: int, name: str, reap: bool
         st = found
         locked = cachefs.flock_holders([st])
         # Live (or, with no /proc/locks, possibly live) and unreadable: may hold anything.
-        return (st, None) if locked is None or locked else None
+        if locked is None or locked:
+            return st, None, True
+        return (st, None, False) if not single_host(cache) else None
     try:
-        if not _is_alive(fd):
+        here = _is_alive(fd)
+        if not here and single_host(cache):
             if reap:
                 try:
                     cachefs.unlink_entry(dir_fd, name, same_as=st)
@@ -335,8 +343,8 @@ def _read_one(dir_fd: int, name: str, reap: bool
                     pass  # someone else's, in a sticky directory: its owner or root reaps it
             return None
         if st.st_size > MAX_HOLDS_BYTES:
-            return st, None
-        return st, _parse_holds(cachefs.read_at_most(fd, MAX_HOLDS_BYTES))
+            return st, None, here
+        return st, _parse_holds(cachefs.read_at_most(fd, MAX_HOLDS_BYTES)), here
     finally:
         os.close(fd)
 
@@ -381,7 +389,7 @@ def owner_alive(cache: CacheDir, token: str) -> bool:
     except OSError:
         return False
     try:
-        return _is_alive(fd)
+        return _is_alive(fd) or not single_host(cache)  # another host's lock is invisible
     finally:
         os.close(fd)
 

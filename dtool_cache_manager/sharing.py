@@ -102,6 +102,14 @@ def sharing_of(cache: CacheDir) -> Sharing:
     return Sharing(name, local, *declared)
 
 
+def single_host(cache: CacheDir) -> bool:
+    """Does only this host use the cache?  Looked up once per open cache: holds ask it for
+    every file whose lock they could take (dead here, or alive on another host)."""
+    if cache.single_host is None:
+        cache.single_host = sharing_of(cache).single_host
+    return cache.single_host
+
+
 def require_single_host(cache: CacheDir) -> None:
     """Refuse (:class:`PossiblyShared`) to remove anything from a cache other hosts may use."""
     sharing = sharing_of(cache)

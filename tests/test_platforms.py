@@ -26,6 +26,7 @@ HIDE_DIR = os.path.join(os.path.dirname(__file__), "support", "hide_facilities")
 FACILITIES = ("fcntl", "register_at_fork", "proc_locks", "openat2", "statfs")
 CASES = [(name,) for name in FACILITIES] + [FACILITIES]
 TRACKING_OFF = "cache tracking is off"
+SHARED_WARNING = "holds do not reach other hosts"
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or os.uname().machine not in ("x86_64", "aarch64"),
@@ -148,11 +149,16 @@ def test_dtool_works_and_tracking_is_exact_with_facilities_hidden(hidden, http_d
 
     tracking = "fcntl" not in hidden
 
+    shared_warnings = []
+
     def check_stderr(step, stderr):
         assert "Traceback" not in stderr, (step, stderr)
         ours = our_lines(stderr)
-        if tracking:
-            assert ours == [], (step, stderr)
+        if tracking:  # an unknown filesystem may be shared: one warning per accessing process
+            shared_warnings.extend(line for line in ours if SHARED_WARNING in line)
+            allowed = 1 if "statfs" in hidden else 0
+            assert len(ours) <= allowed and all(SHARED_WARNING in line for line in ours), \
+                (step, stderr)
         elif step[0] == "dtool" or "dtoolcore" in " ".join(step):
             assert len(ours) == 1 and TRACKING_OFF in ours[0] and "fcntl" in ours[0], \
                 (step, stderr)
@@ -165,6 +171,7 @@ def test_dtool_works_and_tracking_is_exact_with_facilities_hidden(hidden, http_d
                                                     {"DTOOL_CACHE_MANAGER_DISABLE": "1"}),
         lambda step, stderr: None)
     assert with_hiding == without_plugin  # what dtool prints and reads, step by step
+    assert bool(shared_warnings) == (tracking and "statfs" in hidden)
     md5s = {line.split()[0]: line.split()[1]
             for key, out in with_hiding.items() if key.endswith("-c") for line in out.splitlines()}
     assert md5s == ds.md5

@@ -3,6 +3,7 @@
 with one line, until the cache's owner declares that only this host uses it."""
 
 import json
+from contextlib import contextmanager
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import pytest
 
 from support import disk_files, subprocess_env
+from support.users import ACCESS_AND_WAIT
 
 pytestmark = pytest.mark.skipif(
     shutil.which("bindfs") is None or os.geteuid() != 0,
@@ -30,13 +32,30 @@ except Exception as exc:
 def mounted(tmp_path):
     """A directory and a bindfs mount of it: the same files, through a FUSE filesystem."""
     real, mount = tmp_path / "real", tmp_path / "mount"
-    real.mkdir()
-    mount.mkdir()
-    subprocess.run(["bindfs", str(real), str(mount)], check=True)
-    try:
+    with bindfs_mounts(real, mount):
         yield real, mount
+
+
+@contextmanager
+def bindfs_mounts(real, *mounts):
+    """Mounts of ``real``, each with locks of its own (as NFS with local_lock)."""
+    real.mkdir()
+    done = []
+    try:
+        for mount in mounts:
+            mount.mkdir()
+            subprocess.run(["bindfs", str(real), str(mount)], check=True)
+            done.append(mount)
+        yield
     finally:
-        subprocess.run(["umount", str(mount)], check=True)
+        for mount in done:
+            subprocess.run(["umount", str(mount)], check=True)
+
+
+def on_host(name, argv):
+    """``argv`` as a process of host ``name``: its own pid and uts namespaces."""
+    return ["unshare", "--pid", "--uts", "--fork", "--kill-child", "sh", "-c",
+            'hostname "$0" && exec "$@"', name, *map(str, argv)]
 
 
 def dtool_cache(*args, env, expect=0):
@@ -54,8 +73,10 @@ def test_removals_refuse_on_a_fuse_mount_until_the_owner_declares_one_host(http_
     fetch = [sys.executable, "-c", "import sys, dtoolcore\nds = dtoolcore.DataSet.from_uri("
              "sys.argv[1])\nfor i in ds.identifiers: ds.item_content_abspath(i)", ds.uri]
     accessed = subprocess.run(fetch, env=env, capture_output=True, text=True, check=True)
-    assert "Traceback" not in accessed.stderr  # accesses work (the autoclean they start
-    # refuses, and records why: below)
+    # Accesses work, with one warning per process (the autoclean they start refuses).
+    warnings = [line for line in accessed.stderr.splitlines() if "dtool-cache-manager" in line]
+    assert len(warnings) == 1 and "holds do not reach other hosts" in warnings[0] and \
+        "(fuse)" in warnings[0] and "Traceback" not in accessed.stderr, accessed.stderr
     before = disk_files(real)
     assert len(before) == 3
 
@@ -84,6 +105,8 @@ def test_removals_refuse_on_a_fuse_mount_until_the_owner_declares_one_host(http_
 
     declared = dtool_cache("init", "--single-host", env=env).stdout
     assert "this host only, as root declared on" in declared
+    accessed = subprocess.run(fetch, env=env, capture_output=True, text=True, check=True)
+    assert "dtool-cache-manager" not in accessed.stderr  # declared: no warning
     # A declaration anyone could have written is not believed.
     declaration = mount / ".dtool-cache-manager" / "sharing.json"  # not past bindfs's cache
     os.chmod(declaration, 0o666)
@@ -104,3 +127,50 @@ def test_a_cache_on_a_local_disk_needs_no_declaration(tmp_path):
     assert (shown["mode"], shown["local"], shown["declared"]) == ("local", True, None)
     assert "Hosts:           this host only (a local filesystem" in \
         dtool_cache("summary", env=env).stdout
+
+
+def test_a_hold_on_host_a_is_kept_when_host_b_cleans(http_dataset, tmp_path):
+    """Two hosts, each with its own mount of the shared cache, pids and hostname.  Host B
+    cannot see host A's locks: it shows A's hold as a holder it cannot place, leaves A's
+    holds file alone (it cannot prove A dead), and refuses to clean."""
+    shared, mount_a, mount_b = tmp_path / "shared", tmp_path / "host-a", tmp_path / "host-b"
+    ds = http_dataset({"held.txt": b"h" * 100, "free.txt": b"f" * 50})
+    held, free = ds.identifiers["held.txt"], ds.identifiers["free.txt"]
+    with bindfs_mounts(shared, mount_a, mount_b):
+        env_a, env_b = subprocess_env(mount_a), subprocess_env(mount_b)
+        holder = subprocess.Popen(on_host("host-a", [sys.executable, "-c", ACCESS_AND_WAIT,
+                                                     ds.uri, held]),
+                                  env=env_a, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            holder.stdout.readline()  # the held file's path
+            ready = holder.stdout.readline().split()
+            assert ready[:1] == ["ready"], holder.communicate()
+            assert ready[1] == "1"  # pid 1 in host A's own pid namespace
+            subprocess.run(on_host("host-b", [sys.executable, "-c", ACCESS_AND_WAIT, ds.uri,
+                                              free]),
+                           env=env_b, input="go\n", capture_output=True, text=True, check=True)
+            holds_dir = shared / ".dtool-cache-manager" / "holds"
+            a_holds = os.listdir(holds_dir)
+            assert len(a_holds) == 1
+            before = disk_files(shared)
+            assert len(before) == 2
+
+            def on_b(*args, expect=0):
+                result = subprocess.run(on_host("host-b", ["dtool", "cache", *args]),
+                                        env=env_b, capture_output=True, text=True,
+                                        timeout=120, stdin=subprocess.DEVNULL)
+                assert result.returncode == expect, (args, result.stdout, result.stderr)
+                return result
+
+            summary = json.loads(on_b("summary", "--json").stdout)
+            assert summary["sharing"]["mode"] == "possibly-shared"
+            assert summary["num_in_use"] == 1
+            assert [(h["user"], h["pid"]) for h in summary["in_use_by"]] == [("root@?", None)]
+            refused = on_b("clean", "--all", "--yes", expect=2)
+            assert "not removing anything" in refused.stderr
+            assert disk_files(shared) == before
+            assert os.listdir(holds_dir) == a_holds  # not reaped by a host that cannot see it
+        finally:
+            holder.communicate("go\n", timeout=60)
+        assert holder.returncode == 0, holder.stderr

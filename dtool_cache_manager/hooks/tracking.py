@@ -24,6 +24,7 @@ from .hookspecs import hookimpl
 from ..facilities import after_fork_in_child
 from ..journal import JournalWriter, ManifestRecord
 from ..layout import current_identity
+from ..sharing import HOW_TO_DECLARE, sharing_of
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class ProcessSession:
         self.journal = JournalWriter(cache, identity, self.holds.token,
                                      on_rotate=self._fold_finished_segments)
         self.items: Dict[Tuple[str, str], ItemState] = {}
+        _warn_if_possibly_shared(cache)
+
 
     def _fold_finished_segments(self) -> None:
         """The journal moved on to a new segment: fold the finished ones in and delete them,
@@ -76,6 +79,18 @@ class ProcessSession:
                 ledger.compact(only_token=self.holds.token, owner_leaving=leaving)
         except Exception as exc:  # noqa: BLE001
             logger.debug("dtool-cache-manager: journal left for later (%r)", exc)
+
+
+def _warn_if_possibly_shared(cache: cachefs.CacheDir) -> None:
+    """Once per process and cache: other hosts' holds are invisible here (see sharing)."""
+    try:
+        found = sharing_of(cache)  # one fstatfs and one small read, at the first access
+    except Exception:  # noqa: BLE001 - a warning is not worth failing an access for
+        return
+    if not found.single_host:
+        logger.warning("dtool-cache-manager: %s is on %s: accesses are recorded, but holds "
+                       "do not reach other hosts, so nothing is cleaned from it; %s",
+                       cache.path, found.filesystem_text, HOW_TO_DECLARE)
 
 
 _sessions: Dict[str, Optional[ProcessSession]] = {}
