@@ -45,7 +45,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
-from .facilities import pwd
+from .facilities import O_CLOEXEC, O_DIRECTORY, O_NOFOLLOW, O_NONBLOCK, pwd
 from .errors import CacheManagerError
 from .layout import META_DIRNAME
 
@@ -67,8 +67,8 @@ STICKY_DIR_MODE = 0o3775  # holds/ and journal/: members add entries, remove onl
 SHARED_FILE_MODE = 0o664  # lock, log and ledger files: every member writes them
 OWN_FILE_MODE = 0o644  # per-process files: readable by all, written by their owner only
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FILE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC
+_FILE_FLAGS = O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC
 _WRITE_BITS = stat.S_IWGRP | stat.S_IWOTH
 
 
@@ -505,7 +505,7 @@ def open_cache(path: str, create: bool = True, repair: bool = False,
     try:
         if make_root:
             os.makedirs(path, exist_ok=True)
-        root_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        root_fd = os.open(path, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
     except OSError as exc:
         raise CacheUnavailable(exc.errno, f"cannot open the cache directory {path}: "
                                           f"{exc.strerror}") from None

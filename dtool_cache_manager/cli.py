@@ -16,7 +16,7 @@ from typing import Optional
 
 import click
 
-from . import __version__, audit as audit_mod, cachefs, facilities, formatting, housekeeping
+from . import __version__, audit as audit_mod, facilities, formatting, housekeeping
 from . import planning, report, sharing
 from .housekeeping import settings as settings_mod
 from .store.ledger import open_ledger
@@ -385,27 +385,18 @@ def init_command(cache_dir, as_json, single_host):
     """
     directory = _cache_directory(cache_dir, must_exist=True)
     if single_host is not None:
-        _guarded(_declare, directory, single_host)
+        _declare(directory, single_host)
     found = _sharing(directory)
     assert found is not None  # the directory exists: checked above
     click.echo(formatting.render_sharing(directory, found, as_json))
 
 
 def _declare(directory: str, single_host: bool) -> None:
-    with cachefs.open_cache(directory) as cache:
-        sharing.declare(cache, single_host)
+    _guarded(sharing.declare_at, directory, single_host)
 
 
 def _sharing(directory: str) -> Optional[sharing.Sharing]:
-    """Who may use the cache; None for a cache that does not exist yet (dtool's configured
-    one, before any access): nothing is in it, nothing to say."""
-    if not os.path.isdir(directory):
-        return None
-
-    def look() -> sharing.Sharing:
-        with cachefs.open_cache(directory, create=False) as cache:
-            return sharing.sharing_of(cache)
-    return _guarded(look)
+    return _guarded(sharing.sharing_at, directory)
 
 
 def _require_single_host(directory: str) -> None:

@@ -9,11 +9,14 @@ facility               where it is missing          what we do without it
 =====================  ===========================  =====================================
 ``fcntl`` (POSIX       Windows                      tracking is off in that process (one
 locks, ``flock``)                                   warning); ``dtool cache`` says why
-``pwd``                Windows                      as without ``fcntl``
+``pwd``, ``openat``    Windows                      as without ``fcntl``
+(``dir_fd``),
+``O_NOFOLLOW``
 ``os.register_at_``    Windows (and any Python      a forked child notices by its pid
 ``fork``               built without it)            that its state is its parent's
-``/proc/locks``,       macOS, BSD, containers       a holder's pid and user are shown as
-``/proc/<pid>``        without ``/proc``            unknown; liveness is the lock itself
+``/proc/locks``,       macOS, BSD, containers       a holder's pid is unknown (its user
+``/proc/<pid>``        without ``/proc``            is its holds file's owner); liveness
+                                                    is the lock itself
 ``fstatfs`` type       every platform but Linux     the filesystem counts as possibly
                        (and Linux with the call     shared by several hosts, unless the
                        denied)                      cache was declared single-host
@@ -44,14 +47,25 @@ except ImportError:  # Windows
     pwd = None  # type: ignore[assignment]  # used only where unavailable() is None
 
 
+# Opening files relative to a directory descriptor without following links: how cachefs
+# reaches everything in a cache.  Windows has none of it (no dir_fd, no O_NOFOLLOW): the
+# flags are 0 there, never used, since unavailable() then turns tracking off.
+O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
 def unavailable() -> Optional[str]:
     """Why cache tracking cannot run on this platform, in one phrase; None if it can."""
     missing = [name for name, module in (("fcntl", fcntl), ("pwd", pwd)) if module is None]
+    if os.open not in os.supports_dir_fd or not (O_DIRECTORY and O_NOFOLLOW):
+        missing.append("openat with O_NOFOLLOW")
     if not missing:
         return None
-    return (f"it needs POSIX file locks and user accounts ({' and '.join(missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} missing on {sys.platform}): "
-            "see the README's Platforms section")
+    return (f"it needs POSIX file locks, user accounts and directory-relative file access "
+            f"({', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing on "
+            f"{sys.platform}): see the README's Platforms section")
 
 
 def after_fork_in_child(callback: Callable[[], None]) -> bool:

@@ -41,7 +41,7 @@ from . import cachefs
 from .cachefs import CacheDir, Refused
 from .layout import Identity, is_item_relpath, user_at_host
 from .rangelock import GateBusy, RangeLockFile, open_range_lock
-from .sharing import single_host
+from .sharing import is_single_host
 
 logger = logging.getLogger(__name__)
 
@@ -332,10 +332,10 @@ def _read_one(dir_fd: int, name: str, reap: bool, cache: CacheDir
         # Live (or, with no /proc/locks, possibly live) and unreadable: may hold anything.
         if locked is None or locked:
             return st, None, True
-        return (st, None, False) if not single_host(cache) else None
+        return (st, None, False) if not is_single_host(cache) else None
     try:
         here = _is_alive(fd)
-        if not here and single_host(cache):
+        if not here and is_single_host(cache):
             if reap:
                 try:
                     cachefs.unlink_entry(dir_fd, name, same_as=st)
@@ -389,7 +389,7 @@ def owner_alive(cache: CacheDir, token: str) -> bool:
     except OSError:
         return False
     try:
-        return _is_alive(fd) or not single_host(cache)  # another host's lock is invisible
+        return _is_alive(fd) or not is_single_host(cache)  # another host's lock is invisible
     finally:
         os.close(fd)
 

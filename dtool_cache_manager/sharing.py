@@ -12,6 +12,10 @@ The declaration is a small JSON file in the bookkeeping directory, which only it
 (or root) may write; it is believed only if that directory can be trusted (see
 :mod:`cachefs`), and the file is owned by someone trusted and writable by nobody else.
 
+Liveness suffers the same way: a holds file whose ``flock`` this host can take may belong to
+a live process of another host, so in a possibly shared cache it is never reaped, nor its
+journal deleted (:mod:`holds`); its holder shows as ``user@?``.
+
 Which filesystems are local comes from Linux's ``fstatfs`` (:mod:`facilities`).  Where the
 platform cannot tell (macOS, a sandbox that denies the call), the filesystem is unknown,
 which counts as possibly shared: the safe side.  A local disk this host exports to others
@@ -27,7 +31,7 @@ import os
 import stat
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 from . import cachefs, facilities
 from .cachefs import CacheDir
@@ -70,7 +74,11 @@ class Sharing:
     def filesystem_text(self) -> str:
         if self.filesystem is None:
             return "a filesystem of a type this platform cannot tell"
-        return f"a {'local' if self.local else 'network or FUSE'} filesystem ({self.filesystem})"
+        if self.local:
+            return f"a local filesystem ({self.filesystem})"
+        if self.filesystem in facilities.SHARED_FILESYSTEMS.values():
+            return f"a network or FUSE filesystem ({self.filesystem})"
+        return f"a filesystem not known to be local ({self.filesystem})"
 
     def refusal(self, cache_dir: str) -> str:
         """The one line a refused removal prints."""
@@ -84,7 +92,7 @@ class Sharing:
                 "declared_at": self.declared_at}
 
 
-def filesystem_of(cache: CacheDir) -> tuple:
+def filesystem_of(cache: CacheDir) -> Tuple[Optional[str], bool]:
     """(name or None, local?) of the filesystem holding the cache's root."""
     magic = facilities.filesystem_magic(cache.root_fd)
     if magic is None:
@@ -102,7 +110,16 @@ def sharing_of(cache: CacheDir) -> Sharing:
     return Sharing(name, local, *declared)
 
 
-def single_host(cache: CacheDir) -> bool:
+def sharing_at(path: str) -> Optional[Sharing]:
+    """:func:`sharing_of` the cache at ``path``; None for a cache that does not exist yet
+    (dtool's configured one before any access: nothing in it, nothing to say)."""
+    if not os.path.isdir(path):
+        return None
+    with cachefs.open_cache(path, create=False) as cache:
+        return sharing_of(cache)
+
+
+def is_single_host(cache: CacheDir) -> bool:
     """Does only this host use the cache?  Looked up once per open cache: holds ask it for
     every file whose lock they could take (dead here, or alive on another host)."""
     if cache.single_host is None:
@@ -117,7 +134,7 @@ def require_single_host(cache: CacheDir) -> None:
         raise PossiblyShared(sharing.refusal(cache.path))
 
 
-def _read_declaration(cache: CacheDir):
+def _read_declaration(cache: CacheDir) -> Optional[Tuple[str, str, Optional[float]]]:
     """(mode, owner's name, time) from the declaration, or None if there is none we trust."""
     if cache.meta_fd is None or cache.unsafe is not None:
         return None
@@ -139,6 +156,12 @@ def _read_declaration(cache: CacheDir):
     at = data.get("declared_at")
     at = float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) else None
     return SINGLE_HOST, cachefs.user_name(st.st_uid), at
+
+
+def declare_at(path: str, single_host: bool) -> None:
+    """:func:`declare` for the cache at ``path`` (its bookkeeping made if missing)."""
+    with cachefs.open_cache(path) as cache:
+        declare(cache, single_host)
 
 
 def declare(cache: CacheDir, single_host: bool) -> None:

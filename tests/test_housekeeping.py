@@ -19,7 +19,7 @@ from dtool_cache_manager.housekeeping import records as hk_records, run as hk_ru
     trigger as hk_trigger
 from dtool_cache_manager.housekeeping import settings as st
 from dtool_cache_manager import cachefs
-from support import disk_files
+from support import autoclean_log as log_entries, disk_files, wait_for_autoclean
 from support.datasets import file_md5_hex
 from support.users import HoldingChild
 
@@ -54,17 +54,6 @@ with open_range_lock(cache, cachefs.GATE_LOCK).locked(gate_key(sys.argv[2]), Fal
     sys.stdin.readline()
 """
 
-# Blocks until it can take the autoclean lock, i.e. until no clean is running.
-WAIT = """
-import fcntl, os, sys
-try:
-    fd = os.open(sys.argv[1], os.O_RDONLY)
-except FileNotFoundError:
-    sys.exit(0)
-fcntl.flock(fd, fcntl.LOCK_EX)
-"""
-
-
 @pytest.fixture
 def hk_env(cache_dir, make_env, tmp_path):
     """``hk_env(**settings)``: a subprocess env with only these housekeeping settings and a
@@ -87,11 +76,6 @@ def lock_path(cache_dir):
     return os.path.join(cache_dir, META, "autoclean.lock")
 
 
-def wait_for_autoclean(cache_dir, timeout=120):
-    subprocess.run([sys.executable, "-c", WAIT, lock_path(cache_dir)], check=True,
-                   timeout=timeout)
-
-
 def lock_is_held(cache_dir):
     fd = os.open(lock_path(cache_dir), os.O_RDONLY)
     try:
@@ -101,14 +85,6 @@ def lock_is_held(cache_dir):
         return True
     finally:
         os.close(fd)
-
-
-def log_entries(cache_dir):
-    path = os.path.join(cache_dir, META, "autoclean.log")
-    if not os.path.exists(path):
-        return []
-    with open(path) as fh:
-        return [json.loads(line) for line in fh]
 
 
 def access(ds, identifiers, env):

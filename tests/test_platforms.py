@@ -24,7 +24,8 @@ from support.users import HoldingChild
 
 HIDE_DIR = os.path.join(os.path.dirname(__file__), "support", "hide_facilities")
 FACILITIES = ("fcntl", "register_at_fork", "proc_locks", "openat2", "statfs")
-CASES = [(name,) for name in FACILITIES] + [FACILITIES]
+CASES = [(name,) for name in FACILITIES] + [FACILITIES, ("windows",)]
+WINDOWS = {"fcntl", "register_at_fork"}  # what "windows" hides that the probe looks at
 TRACKING_OFF = "cache tracking is off"
 SHARED_WARNING = "holds do not reach other hosts"
 
@@ -51,6 +52,7 @@ except OSError:
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall(437, -100, b"/", None, 0)  # openat2 with no 'how': EINVAL, or ENOSYS if denied
 found["openat2"] = ctypes.get_errno() != 38
+found["windows"] = hasattr(os, "O_NOFOLLOW") and os.open in os.supports_dir_fd
 from dtool_cache_manager import facilities
 found["statfs"] = facilities.filesystem_magic(os.open("/", os.O_RDONLY)) is not None
 print(json.dumps(found))
@@ -92,8 +94,10 @@ sys.stdin.readline()
 
 
 def hiding_env(cache_dir, hidden):
+    # Without pwd, getpass (dtool's creator name) reads the environment, as on Windows.
     return subprocess_env(cache_dir, {"PYTHONPATH": HIDE_DIR,
-                                      "DCM_HIDE_FACILITIES": ",".join(hidden)})
+                                      "DCM_HIDE_FACILITIES": ",".join(hidden),
+                                      "LOGNAME": pwd.getpwuid(os.geteuid()).pw_name})
 
 
 def run(cmd, env, expect=0):
@@ -145,9 +149,10 @@ def test_dtool_works_and_tracking_is_exact_with_facilities_hidden(hidden, http_d
     env = hiding_env(cache_dir, hidden)
 
     probe = json.loads(run([sys.executable, "-c", PROBE], env).stdout)
-    assert probe == {name: name not in hidden for name in FACILITIES}
+    gone = set(hidden) | (WINDOWS if "windows" in hidden else set())
+    assert probe == {name: name not in gone for name in (*FACILITIES, "windows")}
 
-    tracking = "fcntl" not in hidden
+    tracking = "fcntl" not in gone
 
     shared_warnings = []
 
@@ -162,6 +167,7 @@ def test_dtool_works_and_tracking_is_exact_with_facilities_hidden(hidden, http_d
         elif step[0] == "dtool" or "dtoolcore" in " ".join(step):
             assert len(ours) == 1 and TRACKING_OFF in ours[0] and "fcntl" in ours[0], \
                 (step, stderr)
+            assert ("openat with O_NOFOLLOW" in ours[0]) == ("windows" in hidden), ours
 
     with_hiding = use_datasets(ds, tmp_path / "work-hidden", env, check_stderr)
     plain_cache = tmp_path / "plain-cache"

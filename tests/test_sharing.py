@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from support import disk_files, subprocess_env
+from support import autoclean_log, disk_files, subprocess_env, wait_for_autoclean
 from support.users import ACCESS_AND_WAIT
 
 pytestmark = pytest.mark.skipif(
@@ -77,6 +77,10 @@ def test_removals_refuse_on_a_fuse_mount_until_the_owner_declares_one_host(http_
     warnings = [line for line in accessed.stderr.splitlines() if "dtool-cache-manager" in line]
     assert len(warnings) == 1 and "holds do not reach other hosts" in warnings[0] and \
         "(fuse)" in warnings[0] and "Traceback" not in accessed.stderr, accessed.stderr
+    wait_for_autoclean(mount)  # the one the misses started: it refused, and logged why
+    (run,) = autoclean_log(real)
+    assert run["error"].startswith("PossiblyShared: not removing anything"), run
+    assert (run["removed"], run["size_before_bytes"]) == (0, 10 + 11 + 12)
     before = disk_files(real)
     assert len(before) == 3
 
@@ -105,7 +109,9 @@ def test_removals_refuse_on_a_fuse_mount_until_the_owner_declares_one_host(http_
 
     declared = dtool_cache("init", "--single-host", env=env).stdout
     assert "this host only, as root declared on" in declared
-    accessed = subprocess.run(fetch, env=env, capture_output=True, text=True, check=True)
+    quiet_env = subprocess_env(mount)  # no limit: no automatic clean races the one below
+    accessed = subprocess.run(fetch, env=quiet_env, capture_output=True, text=True,
+                              check=True)
     assert "dtool-cache-manager" not in accessed.stderr  # declared: no warning
     # A declaration anyone could have written is not believed.
     declaration = mount / ".dtool-cache-manager" / "sharing.json"  # not past bindfs's cache

@@ -4,6 +4,7 @@ Everything here talks to real servers on 127.0.0.1 and runs real executables, so
 that tests exercise the same code paths as users (no mocks).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -69,3 +70,30 @@ def holds_now(cache_dir):
 
     with cachefs.open_cache(str(cache_dir), create=False) as cache:
         return live_holds(cache)
+
+
+# Blocks until it can take the autoclean lock, i.e. until no automatic clean is running.
+_WAIT_FOR_AUTOCLEAN = """
+import fcntl, os, sys
+try:
+    fd = os.open(sys.argv[1], os.O_RDONLY)
+except FileNotFoundError:
+    sys.exit(0)
+fcntl.flock(fd, fcntl.LOCK_EX)
+"""
+
+
+def wait_for_autoclean(cache_dir, timeout=120):
+    """Return once no automatic clean of ``cache_dir`` runs (its lock is free)."""
+    lock = os.path.join(cache_dir, ".dtool-cache-manager", "autoclean.lock")
+    subprocess.run([sys.executable, "-c", _WAIT_FOR_AUTOCLEAN, lock], check=True,
+                   timeout=timeout)
+
+
+def autoclean_log(cache_dir):
+    """The automatic cleans' records, oldest first."""
+    path = os.path.join(cache_dir, ".dtool-cache-manager", "autoclean.log")
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        return [json.loads(line) for line in fh]

@@ -10,6 +10,9 @@ put it there for subprocesses): hides the platform facilities named in
 - ``openat2``, ``statfs``: the kernel refuses those system calls with ENOSYS, through a
   seccomp filter (as on a kernel or sandbox without them); ``statfs`` covers ``statfs``
   and ``fstatfs``.
+- ``windows``: what Python lacks on Windows, as far as our code can tell: no ``fcntl``,
+  ``pwd`` or ``grp``, no ``os.register_at_fork``, no ``O_NOFOLLOW``/``O_DIRECTORY``, and
+  ``dir_fd`` supported by no function.
 
 A name this file does not know stops the process: a typo must not pass as a hidden facility.
 """
@@ -23,10 +26,17 @@ import re
 import struct
 import sys
 
-KNOWN = {"fcntl", "register_at_fork", "proc_locks", "openat2", "statfs"}
+KNOWN = {"fcntl", "register_at_fork", "proc_locks", "openat2", "statfs", "windows"}
 HIDDEN = {name for name in os.environ.get("DCM_HIDE_FACILITIES", "").split(",") if name}
 if HIDDEN - KNOWN:
     sys.exit(f"sitecustomize: unknown facilities {sorted(HIDDEN - KNOWN)}")
+
+if "windows" in HIDDEN:
+    HIDDEN |= {"fcntl", "register_at_fork"}
+    __import__("tempfile")  # reads O_NOFOLLOW at import (guarded by hasattr)
+    sys.modules["pwd"] = sys.modules["grp"] = None
+    del os.O_NOFOLLOW, os.O_DIRECTORY
+    os.supports_dir_fd = set()
 
 if "fcntl" in HIDDEN:
     sys.modules["fcntl"] = None  # import fcntl -> ModuleNotFoundError
@@ -34,7 +44,7 @@ if "fcntl" in HIDDEN:
 if "register_at_fork" in HIDDEN:
     # The stdlib's random calls it unguarded wherever os.fork exists (a Python without it
     # has no fork either); every other user checks for it, as ours do.
-    import random  # noqa: F401
+    __import__("random")  # imported before the attribute goes
     del os.register_at_fork
 
 if "proc_locks" in HIDDEN:
@@ -58,10 +68,12 @@ if "proc_locks" in HIDDEN:
         return wrapper
 
     builtins.open = io.open = _wrap(io.open)
-    os.open = _wrap(os.open)
-    os.stat = _wrap(os.stat)
-    os.lstat = _wrap(os.lstat)
-    os.listdir = _wrap(os.listdir)
+    for _name in ("open", "stat", "lstat", "listdir"):
+        _real = getattr(os, _name)
+        setattr(os, _name, _wrap(_real))
+        for _supports in (os.supports_dir_fd, os.supports_fd, os.supports_follow_symlinks):
+            if _real in _supports:  # what the real one supports, the wrapper does
+                _supports.add(getattr(os, _name))
 
 # x86_64 and aarch64 system call numbers (openat2 is 437 on every architecture).
 _SYSCALLS = {
