@@ -68,7 +68,8 @@ def _is_cache_command() -> bool:
     import sys
 
     name = os.path.basename(sys.argv[0]) if sys.argv else ""
-    return name == "dtool-cache" or (name == "dtool" and sys.argv[1:2] == ["cache"])
+    command = [arg for arg in sys.argv[1:] if not arg.startswith("-")][:1]  # past --debug
+    return name == "dtool-cache" or (name == "dtool" and command == ["cache"])
 
 
 _activate()
