@@ -182,7 +182,8 @@ def sharing_lines(sharing: Sharing) -> List[str]:
         when = f" on {iso_utc(sharing.declared_at)}" if sharing.declared_at else ""
         return [f"Hosts:           this host only, as {sharing.declared_by} declared{when}"]
     return [f"Hosts:           possibly several: the cache is on {sharing.filesystem_text}",
-            "                 their use is invisible here, and nothing is removed from it"]
+            "                 other hosts' use of it is invisible here, and nothing is "
+            "removed from it"]
 
 
 def render_sharing(cache_dir: str, sharing: Sharing, as_json: bool) -> str:

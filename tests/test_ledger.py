@@ -176,3 +176,11 @@ def test_a_new_ledger_is_a_file_whose_row_count_the_triggers_keep(tmp_path):
         led.forget_removed([("u/c", now - 10, None)])  # accessed after this removal: kept
         counted = led.conn.execute("SELECT count(*) FROM items").fetchone()[0]
         assert led.row_count() == counted == 2
+
+
+def test_there_is_one_upgrade_step_per_older_version_in_order():
+    """An ordered, append-only list, as Cargo's migrations: a new schema adds one step at
+    the end, and every older ledger is upgraded through all the steps after it."""
+    from dtool_cache_manager.store.ledger import _MIGRATIONS, SCHEMA_VERSION
+
+    assert list(_MIGRATIONS) == list(range(1, SCHEMA_VERSION))
