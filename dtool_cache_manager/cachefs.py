@@ -219,6 +219,30 @@ def rename_entry(dir_fd: int, name: str, new_name: str) -> None:
     os.replace(name, new_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
+def replace_file(dir_fd: int, name: str, data: bytes, mode: int) -> None:
+    """Make ``data`` the content of ``name`` in the verified directory: written whole and
+    synced under a new name of ours (``O_EXCL``), then renamed over it, so that a reader
+    sees the old file or the new one, never part of either.  On failure the temporary file
+    goes."""
+    tmp = f"{name}.new-{os.getpid()}"
+    fd = create_file(dir_fd, tmp, mode)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        rename_entry(dir_fd, tmp, name)
+    except BaseException:
+        try:
+            unlink_entry(dir_fd, tmp)
+        except OSError:
+            pass
+        raise
+
+
 def link_entry(dir_fd: int, name: str, new_name: str) -> None:
     """A second name in the same verified directory; FileExistsError if it is taken."""
     os.link(name, new_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)

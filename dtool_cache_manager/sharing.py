@@ -25,7 +25,6 @@ coordinator shared by every host (``docs/design.rst``).
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import stat
@@ -35,7 +34,7 @@ from typing import Optional, Tuple
 
 from . import cachefs, facilities
 from .cachefs import CacheDir
-from .errors import InvalidInput
+from .errors import CacheManagerError, InvalidInput
 
 DECLARATION = "sharing.json"  # in the bookkeeping directory
 SINGLE_HOST = "single-host"
@@ -129,9 +128,8 @@ def is_single_host(cache: CacheDir) -> bool:
 
 def require_single_host(cache: CacheDir) -> None:
     """Refuse (:class:`PossiblyShared`) to remove anything from a cache other hosts may use."""
-    sharing = sharing_of(cache)
-    if not sharing.single_host:
-        raise PossiblyShared(sharing.refusal(cache.path))
+    if not is_single_host(cache):
+        raise PossiblyShared(sharing_of(cache).refusal(cache.path))
 
 
 def _read_declaration(cache: CacheDir) -> Optional[Tuple[str, str, Optional[float]]]:
@@ -166,29 +164,24 @@ def declare_at(path: str, single_host: bool) -> None:
 
 def declare(cache: CacheDir, single_host: bool) -> None:
     """Write (or, with ``single_host`` False, remove) the declaration.  Only the
-    bookkeeping's owner or root may: :class:`InvalidInput` otherwise."""
+    bookkeeping's owner or root may: :class:`InvalidInput` otherwise; a filesystem error
+    is one :class:`CacheManagerError`."""
     if cache.meta_fd is None or not cache.can_write_meta:
         owner = cachefs.user_name(cache.meta_stat.st_uid if cache.meta_stat else None)
         raise InvalidInput(f"only the owner of {cache.meta_path} ({owner}) or root may "
                            "declare how the cache is shared")
     if cache.unsafe is not None:
         raise InvalidInput(f"cannot declare how the cache is shared: {cache.unsafe}")
-    if not single_host:
-        try:
-            cachefs.unlink_entry(cache.meta_fd, DECLARATION)
-        except FileNotFoundError:
-            pass
-        return
     body = json.dumps({"version": 1, "mode": SINGLE_HOST, "declared_at": time.time()})
-    tmp = f"{DECLARATION}.new-{os.getpid()}"
-    fd = cachefs.create_file(cache.meta_fd, tmp, cachefs.OWN_FILE_MODE)
     try:
-        os.write(fd, body.encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        cachefs.rename_entry(cache.meta_fd, tmp, DECLARATION)
+        if single_host:
+            cachefs.replace_file(cache.meta_fd, DECLARATION, body.encode() + b"\n",
+                                 cachefs.OWN_FILE_MODE)
+        else:
+            try:
+                cachefs.unlink_entry(cache.meta_fd, DECLARATION)
+            except FileNotFoundError:
+                pass  # nothing to withdraw
     except OSError as exc:
-        cachefs.unlink_entry(cache.meta_fd, tmp)
-        raise cachefs.Refused(exc.errno or errno.EIO, f"cannot write the declaration: {exc}")
+        raise CacheManagerError(f"cannot write {os.path.join(cache.meta_path, DECLARATION)}: "
+                                f"{exc.strerror or exc}") from None

@@ -163,3 +163,27 @@ def test_run_record_round_trip_and_rejection():
     assert hk_records.RunRecord.from_json({k: v for k, v in record.to_json().items()
                                    if k != "pid"}) is None
     assert hk_records.RunRecord.from_json([1, 2]) is None
+
+
+def test_a_long_log_keeps_its_newer_half_whole_and_leaves_nothing_behind(tmp_path):
+    meta = os.path.join(str(tmp_path), ".dtool-cache-manager")
+    log = os.path.join(meta, "autoclean.log")
+    with cachefs.open_cache(str(tmp_path)) as cache:
+        sizes = [0]
+        n = 0
+        while sizes[-1] <= hk_records.LOG_MAX_BYTES:  # until an append shortens it
+            n += 1
+            hk_records._append_log(cache, (json.dumps(_run(float(n), 0).to_json())
+                                           + "\n").encode())
+            sizes.append(os.path.getsize(log))
+            if sizes[-1] < sizes[-2]:
+                break
+        assert sizes[-1] < sizes[-2] and sizes[-2] > hk_records.LOG_MAX_BYTES // 2
+        with open(log, "rb") as fh:
+            kept = fh.read()
+        assert 0 < len(kept) <= hk_records.LOG_MAX_BYTES // 2  # the newer half, whole lines
+        assert all(hk_records.RunRecord.from_json(json.loads(raw))
+                   for raw in kept.splitlines())
+        assert hk_records.read_last_run(cache).start == float(n)
+        assert os.stat(log).st_mode & 0o777 == cache.infra_mode
+        assert not [name for name in os.listdir(meta) if ".new-" in name]

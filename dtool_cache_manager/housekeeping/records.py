@@ -213,13 +213,7 @@ def _shorten_log(cache: CacheDir) -> None:
     finally:
         os.close(fd)
     kept = data[data.find(b"\n") + 1:]  # from the first whole line
-    tmp = f"{cachefs.AUTOCLEAN_LOG}.new-{os.getpid()}"
-    out = cachefs.create_file(cache.meta_fd, tmp, cache.infra_mode)
-    try:
-        os.write(out, kept)
-    finally:
-        os.close(out)
-    cachefs.rename_entry(cache.meta_fd, tmp, cachefs.AUTOCLEAN_LOG)
+    cachefs.replace_file(cache.meta_fd, cachefs.AUTOCLEAN_LOG, kept, cache.infra_mode)
 
 
 # -- status ----------------------------------------------------------------------------
