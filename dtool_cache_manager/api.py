@@ -9,10 +9,12 @@ processes that are still running.
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import time
 from typing import List, Optional, Tuple
 
-from . import executor
+from . import cachefs, executor, sharing
+from .store import coordinator
 from .store import diskindex
 from .holds import live_holds
 from .layout import resolve_cache_dir, sanitise_uri
@@ -117,3 +119,29 @@ def _dir_totals(cache_dir: Optional[str]) -> List[diskindex.DirTotals]:
 
     with indexed(resolve_cache_dir(cache_dir)) as index:
         return index.disk.dir_totals()
+
+
+def register_coordinator(database: str, cache_dir: Optional[str] = None,
+                         session_timeout: int = sharing.DEFAULT_SESSION_TIMEOUT,
+                         grace_seconds: int = sharing.DEFAULT_GRACE_SECONDS
+                         ) -> sharing.Registration:
+    """Make the PostgreSQL server at ``database`` the coordinator of the cache, for every
+    process, user and host that uses it (``dtool cache init --database``).
+
+    The server is reached first (:class:`~dtool_cache_manager.store.coordinator.
+    CoordinatorUnavailable` if it cannot be, or is older than PostgreSQL 14).  Then the
+    registration is written, the trash made, and the ledger switched from WAL to a rollback
+    journal under the coordinator's ledger lock.  Only the bookkeeping's owner or root may
+    (:class:`~dtool_cache_manager.errors.InvalidInput`, as for a URL with a password)."""
+    path = resolve_cache_dir(cache_dir)
+    with cachefs.open_cache(path) as cache:
+        registration = sharing.new_registration(cache, database, session_timeout,
+                                                grace_seconds)
+        coordinator.check_server(registration)
+        sharing.declare(cache, False, registration)
+        trash = cachefs.open_trash(cache)
+        if trash is not None:
+            os.close(trash)
+    with open_ledger(path):  # switches the journal mode, alone on every host
+        pass
+    return registration

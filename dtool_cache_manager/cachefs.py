@@ -54,11 +54,14 @@ _logger = logging.getLogger(__name__)
 HOLDS = "holds"
 JOURNAL = "journal"
 LEDGER = "ledger.sqlite3"
-LEDGER_FILES = (LEDGER, LEDGER + "-wal", LEDGER + "-shm")
+LEDGER_FILES = (LEDGER, LEDGER + "-wal", LEDGER + "-shm", LEDGER + "-journal")
+WAL_FILES = LEDGER_FILES[1:3]  # a ledger in WAL mode (one host)
+ROLLBACK_JOURNAL = LEDGER_FILES[3]  # a coordinated ledger's journal (several hosts)
 GATE_LOCK = "gate.lock"  # byte-range locks: 'check holders, then unlink' against holds
 FETCH_LOCK = "fetch.lock"  # byte-range locks: concurrent misses of one item download once
 AUTOCLEAN_LOCK = "autoclean.lock"  # flock'ed by the automatic clean in progress
 AUTOCLEAN_LOG = "autoclean.log"  # one JSON line per automatic clean
+TRASH = "trash"  # a coordinated cache's cleaned files, kept for their grace period
 INFRA_FILES = (GATE_LOCK, FETCH_LOCK, AUTOCLEAN_LOCK, AUTOCLEAN_LOG)
 
 SHARED_DIR_MODE = 0o2775  # dataset directories: group rwx, setgid keeps the cache's group
@@ -212,6 +215,76 @@ def unlink_entry(dir_fd: int, name: str, regular: bool = True,
         raise Refused(errno.ESTALE, f"{name!r} was replaced meanwhile")
     os.unlink(name, dir_fd=dir_fd)
     return st
+
+
+def move_entry(dir_fd: int, name: str, to_fd: int, new_name: str,
+               same_as: Optional[os.stat_result] = None) -> os.stat_result:
+    """Move the regular file ``name`` (with ``same_as``, only that very file) to
+    ``new_name`` in the verified directory ``to_fd`` on the same filesystem; returns what it
+    was.  As :func:`unlink_entry`, a swap can only make us move another entry of ``dir_fd``."""
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if not stat.S_ISREG(st.st_mode):
+        raise Refused(errno.EINVAL, f"{name!r} is not a regular file")
+    if same_as is not None and (st.st_dev, st.st_ino) != (same_as.st_dev, same_as.st_ino):
+        raise Refused(errno.ESTALE, f"{name!r} was replaced meanwhile")
+    os.rename(name, new_name, src_dir_fd=dir_fd, dst_dir_fd=to_fd)
+    return st
+
+
+def open_trash(cache: "CacheDir") -> Optional[int]:
+    """The trash directory, made by the bookkeeping's owner (group-writable in a shared
+    cache, as a dataset directory is: whoever may remove an item may move it here)."""
+    if cache.meta_fd is None:
+        return None
+    return _open_sub(cache, TRASH, SHARED_DIR_MODE if cache.shared else 0o755, create=True,
+                     repair=False)
+
+
+def trash_usage(cache: "CacheDir") -> Tuple[int, int]:
+    """(files, bytes) waiting in the trash; (0, 0) without one."""
+    if cache.meta_fd is None:
+        return 0, 0
+    try:
+        fd = open_dir(cache.meta_fd, TRASH)
+    except OSError:
+        return 0, 0
+    files = size = 0
+    try:
+        for name in os.listdir(fd):
+            st = entry_stat(fd, name)
+            if st is not None and stat.S_ISREG(st.st_mode):
+                files, size = files + 1, size + st.st_size
+    finally:
+        os.close(fd)
+    return files, size
+
+
+def purge_trash(trash_fd: int, trashed_before: int) -> Tuple[int, int]:
+    """Unlink the regular files in the trash whose names say they were moved there before
+    ``trashed_before`` (``<seconds>.<unique>``, by the coordinator's clock); returns
+    (files, bytes).  Anything else there is left alone."""
+    files = size = 0
+    for name in os.listdir(trash_fd):
+        stamp = name.split(".", 1)[0]
+        if not (stamp.isdigit() and len(stamp) < 12 and int(stamp) < trashed_before):
+            continue
+        try:
+            st = unlink_entry(trash_fd, name)
+        except OSError:
+            continue  # another's purge got there first, or not a regular file
+        files, size = files + 1, size + st.st_size
+    return files, size
+
+
+def removed_while_open(fd: int) -> bool:
+    """Was the file open on ``fd`` removed by someone?  (No name left; on NFS and FUSE, a
+    file another host removed answers ESTALE or ENOENT.)"""
+    try:
+        return os.fstat(fd).st_nlink == 0
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ESTALE):
+            return True
+        raise
 
 
 def rename_entry(dir_fd: int, name: str, new_name: str) -> None:
@@ -457,8 +530,8 @@ class CacheDir:
     unsafe: Optional[str] = None
     holds_unsafe: Optional[str] = None
     repairs: List[str] = field(default_factory=list)
-    # Whether only this host uses the cache, once sharing.single_host has looked (None: not yet).
-    single_host: Optional[bool] = None
+    # What sharing.sharing_of found, once looked up (a sharing.Sharing; None: not yet).
+    sharing_memo: Optional[object] = None
 
     @property
     def shared(self) -> bool:

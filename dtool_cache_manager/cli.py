@@ -16,7 +16,7 @@ from typing import Optional
 
 import click
 
-from . import __version__, audit as audit_mod, facilities, formatting, housekeeping
+from . import __version__, api, audit as audit_mod, facilities, formatting, housekeeping
 from . import planning, report, sharing
 from .housekeeping import settings as settings_mod
 from .store.ledger import open_ledger
@@ -374,25 +374,54 @@ def autoclean_command(cache_dir, as_json):
 @json_option
 @click.option("--single-host/--no-single-host", default=None,
               help="Declare that only this host uses the cache (or withdraw that).")
-def init_command(cache_dir, as_json, single_host):
-    """Show which hosts may use the cache, or declare that only this one does.
+@click.option("--database", metavar="URL",
+              help="Register the PostgreSQL server (14 or later) that coordinates every host "
+                   "using the cache: postgresql://[USER@]HOST[:PORT]/DB, without a password "
+                   "(use ~/.pgpass, PGPASSFILE, peer or GSSAPI).")
+@click.option("--no-database", is_flag=True, help="Withdraw the coordinator's registration.")
+@click.option("--session-timeout", type=click.IntRange(2, 3600),
+              default=sharing.DEFAULT_SESSION_TIMEOUT, show_default=True, metavar="SECONDS",
+              help="With --database: how long the server waits for a silent host before it "
+                   "drops its sessions, and with them its holds.")
+@click.option("--grace", type=click.IntRange(1, 30 * 86400),
+              default=sharing.DEFAULT_GRACE_SECONDS, show_default=True, metavar="SECONDS",
+              help="With --database: how long a cleaned file stays in the trash, readable "
+                   "by a host that was cut off (more than twice the session timeout).")
+def init_command(cache_dir, as_json, single_host, database, no_database, session_timeout,
+                 grace):
+    """Show which hosts may use the cache, or declare how they share it.
 
     Holds are seen by one host's kernel.  A cache on a network or FUSE filesystem (NFS,
     Lustre, GPFS, CIFS, sshfs ...), or on one whose type this platform cannot tell, may be
     used by other hosts too: clean, verify --fix and automatic housekeeping then remove
-    nothing, until the cache's owner (or root) declares with --single-host that only this
-    host uses it.  A cache on a local disk needs no declaration.
+    nothing, until the cache's owner (or root) either registers a PostgreSQL server with
+    --database, through which every host's holds reach every other host, or declares with
+    --single-host that only this host uses it.  A cache on a local disk needs neither.
+    See docs/multi-host.rst.
     """
+    chosen = [flag for flag, given in (("--single-host/--no-single-host", single_host is not None),
+                                       ("--database", database is not None),
+                                       ("--no-database", no_database)) if given]
+    if len(chosen) > 1:
+        raise BadInput(f"{' and '.join(chosen)} cannot be used together")
     directory = _cache_directory(cache_dir, must_exist=True)
-    if single_host is not None:
-        _declare(directory, single_host)
+    before = _sharing(directory)
+    assert before is not None  # the directory exists: checked above
+    if database is not None:
+        _guarded(api.register_coordinator, database, directory, session_timeout, grace)
+    elif no_database:
+        if before.declared == sharing.SINGLE_HOST:
+            raise BadInput(f"{directory} has no coordinator: it is declared single-host "
+                           "(withdraw that with --no-single-host)")
+        _guarded(sharing.declare_at, directory, False)
+    elif single_host is not None:
+        if before.declared == sharing.COORDINATED:
+            raise BadInput(f"{directory} has a coordinator: withdraw it first with "
+                           "--no-database, once no other host uses the cache")
+        _guarded(sharing.declare_at, directory, single_host)
     found = _sharing(directory)
-    assert found is not None  # the directory exists: checked above
+    assert found is not None
     click.echo(formatting.render_sharing(directory, found, as_json))
-
-
-def _declare(directory: str, single_host: bool) -> None:
-    _guarded(sharing.declare_at, directory, single_host)
 
 
 def _sharing(directory: str) -> Optional[sharing.Sharing]:
@@ -402,14 +431,14 @@ def _sharing(directory: str) -> Optional[sharing.Sharing]:
 def _require_single_host(directory: str) -> None:
     """Refuse a removal, before any work, where other hosts may use the cache."""
     found = _sharing(directory)
-    if found is not None and not found.single_host:
+    if found is not None and not found.single_host and found.registration is None:
         raise BadInput(found.refusal(directory))
 
 
 def _note_other_hosts(directory: str) -> None:
     """Say, after a listing, that what other hosts do is not in it."""
     found = _sharing(directory)
-    if found is not None and not found.single_host:
+    if found is not None and not found.single_host and found.registration is None:
         click.echo(f"Note: {directory} is on {found.filesystem_text}: other hosts' use of "
                    f"it is not shown, and nothing is removed from it; {sharing.HOW_TO_DECLARE}.",
                    err=True)

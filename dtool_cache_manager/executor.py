@@ -8,6 +8,11 @@ directory another member could tamper with prove nothing: then it removes nothin
 (:class:`~dtool_cache_manager.errors.UnsafeCache`).  A clean is planned first (a
 :class:`CleanPlan` reports ``expected_freed_bytes`` before :meth:`CleanPlan.execute`, as in
 huggingface_hub's delete strategies), so a dry run shows exactly what the real run does.
+
+In a cache with a coordinator, a removal also claims each file on the server (which fails
+while any process of any host holds it), and moves it to the trash instead of unlinking
+it: a host cut off from the server may still be reading it, and its open files stay valid
+there.  The trash is purged after the registered grace period (:class:`Coordination`).
 """
 
 from __future__ import annotations
@@ -16,21 +21,24 @@ import errno
 import logging
 import os
 import queue
+import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from . import cachefs
 from .cachefs import CacheDir, Refused
-from .errors import UnsafeCache
+from .errors import CacheManagerError, UnsafeCache
 from .holds import Holder, exclusive_gates, live_holds
 from .layout import is_item_relpath
 from .store import DatabaseError
 from .store.ledger import ItemRow, Ledger, Removed, open_ledger
 from .rangelock import GateBusy, open_range_lock
-from .sharing import require_single_host
+from .sharing import registration_of, require_single_host
+from .store.coordinator import Coordinator, CoordinatorBusy, coordinator_for
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +60,13 @@ class RemovalOutcome:
 
 def require_safe_holds(cache: CacheDir) -> None:
     """Holds that a member could hide prove nothing, holds taken on another host are not
-    seen here, and without the gate a hold could slip in between the check and the unlink:
+    seen here without a coordinator (and a coordinator that cannot be reached proves
+    nothing), and without the gate a hold could slip in between the check and the unlink:
     then refuse to remove anything."""
     require_single_host(cache)
+    registration = registration_of(cache)
+    if registration is not None:
+        coordinator_for(registration)  # CoordinatorUnavailable: one line, nothing removed
     if cache.holds_unsafe is not None:
         raise UnsafeCache(f"not removing anything: {cache.holds_unsafe}")
     try:
@@ -89,20 +101,23 @@ def remove_item(ledger: Ledger, row: ItemRow,
     require_safe_holds(cache)
     if not is_item_relpath(relpath):
         return RemovalOutcome(relpath, False, reason=OUTSIDE)
-    with cachefs.Dirs(cache.root_fd) as dirs:
+    with cachefs.Dirs(cache.root_fd) as dirs, _coordination(cache) as coordination:
         try:
             dir_fd, name = dirs.entry(relpath)
         except Refused:
             return RemovalOutcome(relpath, False, reason=THROUGH_LINK)
         except FileNotFoundError:
             dir_fd, name = None, ""
-        with exclusive_gates(cache, [relpath]) as busy:
+        with exclusive_gates(cache, [relpath]) as busy, _claimed(coordination, [relpath]) \
+                as claimed:
             if busy:
                 return RemovalOutcome(relpath, False, reason=GATE_BUSY)
             holders = live_holds(cache).holders_of(relpath)
+            if claimed is not None and relpath not in claimed:
+                holders = holders or (ELSEWHERE,)
             if holders:
                 return RemovalOutcome(relpath, False, holders=holders, reason="in use")
-            outcome, ino = (_unlink_regular_file(dir_fd, name, relpath, same_as)
+            outcome, ino = (_dispose(coordination, dir_fd, name, relpath, same_as)
                             if dir_fd is not None else (RemovalOutcome(
                                 relpath, False, reason=ALREADY_GONE), 0))
             removed_at = time.time()
@@ -112,6 +127,80 @@ def remove_item(ledger: Ledger, row: ItemRow,
 
 
 OUTSIDE = "path is outside the cache directory"
+ELSEWHERE = Holder("?", "?", None, "a session on the coordinator")  # held, holds file unread
+
+
+class Coordination:
+    """A removal's use of a cache's coordinator: it claims files on the server, and moves
+    the claimed ones to the trash, stamped by the server's clock; the trash is purged of
+    what waited longer than the grace period when it opens."""
+
+    def __init__(self, cache: CacheDir, coordinator: Coordinator, grace_seconds: int):
+        self.coordinator = coordinator
+        fd = cachefs.open_trash(cache)
+        if fd is None:
+            raise UnsafeCache(f"not removing anything: {cache.meta_path}/{cachefs.TRASH} is "
+                              f"missing; its owner makes it by running: dtool cache init "
+                              f"--cache-dir {cache.path}")
+        self.trash_fd = fd
+        self.stamp = int(coordinator.now())
+        files, size = cachefs.purge_trash(fd, self.stamp - grace_seconds)
+        if files:
+            logger.info("dtool-cache-manager: purged %d files (%d bytes) cleaned more than "
+                        "%d s ago from the trash", files, size, grace_seconds)
+
+    def claim(self, relpaths: Sequence[str]) -> set:
+        return self.coordinator.claim(relpaths)
+
+    def unclaim(self, relpaths: Iterable[str]) -> None:
+        self.coordinator.unclaim(relpaths)
+
+    def move_to_trash(self, dir_fd: int, name: str,
+                      same_as: Optional[os.stat_result] = None) -> os.stat_result:
+        """Move a claimed file to the trash (EXDEV: the trash is on another filesystem)."""
+        unique = f"{self.stamp}.{os.getpid()}-{secrets.token_hex(8)}"
+        return cachefs.move_entry(dir_fd, name, self.trash_fd, unique, same_as=same_as)
+
+    def close(self) -> None:
+        os.close(self.trash_fd)
+
+
+def open_coordination(cache: CacheDir) -> Optional[Coordination]:
+    """The coordination of a removal from ``cache``; None if it has no coordinator."""
+    registration = registration_of(cache)
+    if registration is None:
+        return None
+    return Coordination(cache, coordinator_for(registration), registration.grace_seconds)
+
+
+def _dispose(coordination: Optional[Coordination], dir_fd: int, name: str, relpath: str,
+             same_as: Optional[os.stat_result] = None
+             ) -> Tuple[RemovalOutcome, Optional[int]]:
+    """Under the gates (and claims), not held: unlink the file, or with a coordinator move
+    it to the trash.  The outcome, and the inode removed (0 when it was already gone)."""
+    try:
+        st = (cachefs.unlink_entry(dir_fd, name, same_as=same_as) if coordination is None
+              else coordination.move_to_trash(dir_fd, name, same_as))
+    except FileNotFoundError:
+        return RemovalOutcome(relpath, False, reason=ALREADY_GONE), 0
+    except OSError as exc:  # Refused, or e.g. permission denied in a shared cache: go on
+        return RemovalOutcome(relpath, False, reason=str(exc)), None
+    return RemovalOutcome(relpath, True, freed_bytes=st.st_size), st.st_ino
+
+
+@contextmanager
+def _claimed(coordination: Optional[Coordination], relpaths: Sequence[str]
+             ) -> Iterator[Optional[set]]:
+    """The paths claimed on the coordinator (None without one), until the block ends."""
+    if coordination is None:
+        yield None
+        return
+    claimed = coordination.claim(relpaths)
+    try:
+        yield claimed
+    finally:
+        if claimed:
+            coordination.unclaim(claimed)
 
 
 def forget_vanished(ledger: Ledger, rows: Sequence[ItemRow]) -> int:
@@ -224,11 +313,12 @@ class CleanPlan:
         ordered = regions_interleaved(sorted(self.removals, key=lambda r: r.relpath),
                                       UNLINK_THREADS, BATCH_SIZE)
         with _LedgerUpdates(ledger) as updates, cachefs.Dirs(cache.root_fd, 128) as folders, \
-                ThreadPoolExecutor(UNLINK_THREADS, "dtool-cache-unlink") as pool:
+                ThreadPoolExecutor(UNLINK_THREADS, "dtool-cache-unlink") as pool, \
+                _coordination(cache) as coordination:
             for start in range(0, len(ordered), BATCH_SIZE):
                 batch = ordered[start:start + BATCH_SIZE]
                 gone: List[Removed] = []
-                outcomes = remove_batch(cache, folders, pool, batch, gone)
+                outcomes = remove_batch(cache, folders, pool, batch, gone, coordination)
                 updates.record(gone)  # the gates are released: see remove_batch
                 for planned, outcome in zip(batch, outcomes):
                     done[planned.relpath] = outcome
@@ -250,6 +340,16 @@ class CleanPlan:
         skipped += [RemovalOutcome(relpath, False, holders=holders, reason="in use")
                     for relpath, holders in self.skipped_in_use]
         return CleanResult(tuple(removed), tuple(skipped))
+
+
+@contextmanager
+def _coordination(cache: CacheDir) -> Iterator[Optional[Coordination]]:
+    coordination = open_coordination(cache)
+    try:
+        yield coordination
+    finally:
+        if coordination is not None:
+            coordination.close()
 
 
 def regions_interleaved(ordered: Sequence[PlannedRemoval], regions: int, batch_size: int
@@ -312,7 +412,8 @@ class _LedgerUpdates:
 
 
 def remove_batch(cache: CacheDir, folders: cachefs.Dirs, pool: ThreadPoolExecutor,
-                 batch: Sequence[PlannedRemoval], gone: List[Removed]) -> List[RemovalOutcome]:
+                 batch: Sequence[PlannedRemoval], gone: List[Removed],
+                 coordination: Optional[Coordination] = None) -> List[RemovalOutcome]:
     """Remove a batch of files, each unless a live process holds it; appends what is gone
     from disk to ``gone`` as (relpath, removed_at, inode) for the ledger.
 
@@ -321,6 +422,8 @@ def remove_batch(cache: CacheDir, folders: cachefs.Dirs, pool: ThreadPoolExecuto
     once; a hold taken after that read waits at its gate until the batch is done, and its
     access then finds the file gone and fetches it again.  The unlinks run on ``pool``
     (an unlink mostly waits for the filesystem, so a few at once take a third of the time).
+    With a coordinator, the files are claimed on the server after the gates and before the
+    holds are read, and the claimed ones go to the trash (see :class:`Coordination`).
     The ledger drops the rows of ``gone`` after the gates were released: an access after
     the removal is journalled later than ``removed_at``, so its row is kept (see
     :meth:`Ledger.recording_removals`).
@@ -342,7 +445,9 @@ def remove_batch(cache: CacheDir, folders: cachefs.Dirs, pool: ThreadPoolExecuto
             outcomes[n] = RemovalOutcome(planned.relpath, False, reason=str(exc))
             continue
         todo.append((n, dir_fd, name))
-    with exclusive_gates(cache, [batch[n].relpath for n, _, _ in todo]) as busy:
+    relpaths = [batch[n].relpath for n, _, _ in todo]
+    with exclusive_gates(cache, relpaths) as busy, \
+            _claimed(coordination, [r for r in relpaths if r not in busy]) as claimed:
         held = live_holds(cache)
         free = []
         for n, dir_fd, name in todo:
@@ -350,14 +455,17 @@ def remove_batch(cache: CacheDir, folders: cachefs.Dirs, pool: ThreadPoolExecuto
             holders = held.holders_of(relpath)
             if relpath in busy:
                 outcomes[n] = RemovalOutcome(relpath, False, reason=GATE_BUSY)
+            elif claimed is not None and relpath not in claimed:
+                outcomes[n] = RemovalOutcome(relpath, False, holders=holders or (ELSEWHERE,),
+                                             reason="in use")
             elif holders:
                 outcomes[n] = RemovalOutcome(relpath, False, holders=holders, reason="in use")
             else:
                 free.append((n, dir_fd, name))
         per_thread = max(1, -(-len(free) // UNLINK_THREADS))  # the batch's regions, in turn
         shares = [free[k:k + per_thread] for k in range(0, len(free), per_thread)]
-        unlinking = [pool.submit(_unlink_each, [(dir_fd, name, batch[n].relpath)
-                                                for n, dir_fd, name in share])
+        unlinking = [pool.submit(_dispose_each, coordination,
+                                 [(dir_fd, name, batch[n].relpath) for n, dir_fd, name in share])
                      for share in shares]
         unlinks = {}  # n: (outcome, inode) of each file unlinked above
         for share, unlinked in zip(shares, unlinking):
@@ -369,25 +477,9 @@ def remove_batch(cache: CacheDir, folders: cachefs.Dirs, pool: ThreadPoolExecuto
     return outcomes  # type: ignore[return-value]  # every slot was filled above
 
 
-def _unlink_each(jobs: Sequence[Tuple[int, str, str]]
-                 ) -> List[Tuple[RemovalOutcome, Optional[int]]]:
-    return [_unlink_regular_file(dir_fd, name, relpath) for dir_fd, name, relpath in jobs]
-
-
-def _unlink_regular_file(dir_fd: int, name: str, relpath: str,
-                         same_as: Optional[os.stat_result] = None
-                         ) -> Tuple[RemovalOutcome, Optional[int]]:
-    """Under the gates, not held: the outcome, and the inode removed (0 when the file was
-    already gone)."""
-    try:
-        st = cachefs.unlink_entry(dir_fd, name, same_as=same_as)
-    except FileNotFoundError:
-        return RemovalOutcome(relpath, False, reason=ALREADY_GONE), 0
-    except Refused as exc:
-        return RemovalOutcome(relpath, False, reason=str(exc)), None
-    except OSError as exc:  # e.g. permission denied in a shared cache: keep going
-        return RemovalOutcome(relpath, False, reason=str(exc)), None
-    return RemovalOutcome(relpath, True, freed_bytes=st.st_size), st.st_ino
+def _dispose_each(coordination: Optional[Coordination], jobs: Sequence[Tuple[int, str, str]]
+                  ) -> List[Tuple[RemovalOutcome, Optional[int]]]:
+    return [_dispose(coordination, dir_fd, name, relpath) for dir_fd, name, relpath in jobs]
 
 
 def partial_is_stale(cache: CacheDir, relpath: str) -> bool:
@@ -396,10 +488,24 @@ def partial_is_stale(cache: CacheDir, relpath: str) -> bool:
     (Processes without the plugin take no lock; see ``docs/reliability.rst``.)"""
     try:
         lock = open_range_lock(cache, cachefs.FETCH_LOCK)
-        with lock.locked(relpath[:-len(PARTIAL_SUFFIX)], exclusive=True, patience=0.0):
+        with lock.locked(relpath[:-len(PARTIAL_SUFFIX)], exclusive=True, patience=0.0), \
+                _no_download_elsewhere(cache, relpath):
             return True
-    except (GateBusy, OSError):
+    except (GateBusy, OSError, CacheManagerError):
         return False
+
+
+@contextmanager
+def _no_download_elsewhere(cache: CacheDir, relpath: str) -> Iterator[None]:
+    """With a coordinator: hold the download lock of a partial's file on the server (a
+    download on another host holds it); CoordinatorBusy if taken."""
+    registration = registration_of(cache)
+    if registration is None:
+        yield
+        return
+    with coordinator_for(registration).exclusive("fetch", relpath[:-len(PARTIAL_SUFFIX)],
+                                                 patience=0.0):
+        yield
 
 
 PARTIAL_SUFFIX = ".tmp"
@@ -411,11 +517,12 @@ def _remove_stale_partial(cache: CacheDir, relpath: str) -> RemovalOutcome:
     try:
         lock = open_range_lock(cache, cachefs.FETCH_LOCK)
         with cachefs.Dirs(cache.root_fd) as dirs, \
-                lock.locked(relpath[:-len(PARTIAL_SUFFIX)], exclusive=True, patience=0.0):
+                lock.locked(relpath[:-len(PARTIAL_SUFFIX)], exclusive=True, patience=0.0), \
+                _no_download_elsewhere(cache, relpath):
             dir_fd, name = dirs.entry(relpath)
-            outcome, _ = _unlink_regular_file(dir_fd, name, relpath)
+            outcome, _ = _dispose(None, dir_fd, name, relpath)  # partials: never read
             return outcome
-    except GateBusy:
+    except (GateBusy, CoordinatorBusy):
         return RemovalOutcome(relpath, False, reason="download in progress")
     except FileNotFoundError:
         return RemovalOutcome(relpath, False, reason=ALREADY_GONE)

@@ -160,6 +160,10 @@ def render_summary(summary: Summary, as_json: bool,
     if summary.lost_records:
         lines.append(f"Not recorded:    {plural(summary.lost_records, 'access')} "
                      "(the disk was full)")
+    if summary.trash_files:
+        lines.append(f"Trash:           {plural(summary.trash_files, 'file')}, "
+                     f"{size(summary.trash_size_bytes)} (cleaned; purged by a clean after "
+                     "the grace period)")
     if sharing is not None:
         lines += sharing_lines(sharing)
     if housekeeping is not None:
@@ -181,6 +185,11 @@ def sharing_lines(sharing: Sharing) -> List[str]:
     if sharing.mode == SINGLE_HOST:
         when = f" on {iso_utc(sharing.declared_at)}" if sharing.declared_at else ""
         return [f"Hosts:           this host only, as {sharing.declared_by} declared{when}"]
+    if sharing.registration is not None:
+        found = sharing.registration
+        return [f"Hosts:           several, coordinated through {show(found.database)}",
+                f"                 (a silent host's holds end within {found.session_timeout} "
+                f"s; cleaned files wait {found.grace_seconds} s in the trash)"]
     return [f"Hosts:           possibly several: the cache is on {sharing.filesystem_text}",
             "                 other hosts' use of it is invisible here, and nothing is "
             "removed from it"]
@@ -196,7 +205,7 @@ def render_sharing(cache_dir: str, sharing: Sharing, as_json: bool) -> str:
     lines = [f"Cache directory: {show(cache_dir)}",
              f"Filesystem:      {sharing.filesystem or 'unknown'} ({kind})",
              *sharing_lines(sharing)]
-    if not sharing.single_host:
+    if not sharing.single_host and sharing.registration is None:
         lines.append(f"                 {HOW_TO_DECLARE}")
     return "\n".join(lines)
 

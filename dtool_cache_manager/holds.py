@@ -19,6 +19,14 @@ the pid the one ``/proc/locks`` gives for its lock (unknown where there is no
 Holding and removing meet at a per-file gate (see :mod:`rangelock`): a hold is written under
 the shared gate, a removal checks holders and unlinks under the exclusive gate, so no access
 can slip in between the check and the unlink.
+
+In a cache with a coordinator (:mod:`~dtool_cache_manager.store.coordinator`) the gate and
+the liveness reach every host through the server: a process also holds each file there (a
+shared advisory lock, after its ``+`` line), and marks its holds file with a ``["c"]`` line
+once the server holds its liveness lock.  A holds file whose lock this host could take is
+then alive if the server says its process is; a marked one whose process has no session is
+dead (the process exited, was killed, or its host went silent); an unmarked one (a process
+that could not reach the server) is kept as alive, holder ``user@?``.
 """
 
 from __future__ import annotations
@@ -41,7 +49,8 @@ from . import cachefs
 from .cachefs import CacheDir, Refused
 from .layout import Identity, is_item_relpath, user_at_host
 from .rangelock import GateBusy, RangeLockFile, open_range_lock
-from .sharing import is_single_host
+from .sharing import is_single_host, registration_of
+from .store.coordinator import Coordinator, CoordinatorUnavailable, coordinator_for
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +101,7 @@ class HoldsFile:
         if cache.holds_fd is None:
             raise Refused(errno.ENOENT, cache.holds_unsafe or "no holds directory")
         self.identity = identity
-        self.token = token or f"{identity.host}.{identity.pid}.{secrets.token_hex(4)}"
+        self.token = token or _new_token(identity)
         try:
             self.gate: Optional[RangeLockFile] = open_range_lock(cache, cachefs.GATE_LOCK)
         except OSError as exc:  # holds still protect; only the race with a removal is open
@@ -100,10 +109,41 @@ class HoldsFile:
             self.gate = None
         self._dir_fd = os.dup(cache.holds_fd)
         self._fd = self._create_locked()
-        self._lock = threading.Lock()
+        # Reentrant: a hold that finds the coordinator's session lost restores this file
+        # (start_again) from within _count.
+        self._lock = threading.RLock()
         self.permanent: Set[HoldKey] = set()
         self._scoped: Dict[HoldKey, int] = {}
         self._per_path: Dict[str, int] = {}  # held keys per file: '-' only when none is left
+        self.coordinator: Optional[Coordinator] = None  # set by coordinate()
+
+    def coordinate(self, coordinator: Coordinator) -> None:
+        """From now on, hold files on the coordinator too; mark the holds file so that other
+        hosts may judge this process by its session (only after the server holds it)."""
+        coordinator.register(self.token)
+        with self._lock:
+            self.coordinator = coordinator
+            for relpath in self._per_path:
+                coordinator.hold(relpath)
+            self._write(_COORDINATED)
+
+    @property
+    def removed(self) -> bool:
+        """Did someone remove this process's holds file (another host that took it for
+        dead while its coordinator session was lost)?"""
+        return cachefs.removed_while_open(self._fd)
+
+    def start_again(self) -> None:
+        """A new holds file, under a new token (NFS and FUSE clients may refuse to reuse a
+        name they still have open), holding every file held now, registered with the
+        coordinator under the new token."""
+        with self._lock:
+            self.token = _new_token(self.identity)
+            old, self._fd = self._fd, self._create_locked()
+            os.close(old)
+            if self.coordinator is not None:
+                self.coordinator.register(self.token)
+            self._write(_COORDINATED + b"".join(_line("+", p) for p in self._per_path))
 
     def _create_locked(self) -> int:
         # Lock under a temporary name, then rename: a file visible under its final name is
@@ -171,8 +211,12 @@ class HoldsFile:
             self._per_path.pop(relpath, None)
         if step > 0 and count == 1:
             self._write_under_gate(relpath)
+            if self.coordinator is not None:  # after the line: see the module docs
+                self.coordinator.hold(relpath)
         elif step < 0 and count <= 0:
             self._write(_line("-", relpath))
+            if self.coordinator is not None:
+                self.coordinator.release(relpath)
 
     def _write_under_gate(self, relpath: str) -> None:
         line = _line("+", relpath)
@@ -199,6 +243,13 @@ class HoldsFile:
             pass
         os.close(self._fd)
         os.close(self._dir_fd)
+
+
+_COORDINATED = json.dumps(["c"]).encode() + b"\n"
+
+
+def _new_token(identity: Identity) -> str:
+    return f"{identity.host}.{identity.pid}.{secrets.token_hex(4)}"
 
 
 def _line(sign: str, relpath: str) -> bytes:
@@ -236,9 +287,16 @@ def _holder_order(h: Holder) -> tuple:
     return (h.user, h.host, h.pid or 0, h.token)
 
 
-def _parse_holds(data: bytes) -> Tuple[Set[str], Set[str]]:
-    """(paths, identifiers) held by the lines in ``data``; malformed lines are skipped (a
-    torn last line of a process killed mid-write, or anything a member wrote)."""
+class ParsedHolds(NamedTuple):
+    paths: Set[str]
+    identifiers: Set[str]  # format 1: holds that named no file
+    coordinated: bool  # the process marked itself as known to the coordinator
+
+
+def _parse_holds(data: bytes) -> ParsedHolds:
+    """What the lines in ``data`` hold; malformed lines are skipped (a torn last line of a
+    process killed mid-write, or anything a member wrote)."""
+    coordinated = False
     paths: Dict[str, None] = {}
     v1: Dict[Tuple[str, str], Set[Tuple[Optional[str], str]]] = {}
     for raw in data.split(b"\n"):
@@ -247,6 +305,9 @@ def _parse_holds(data: bytes) -> Tuple[Set[str], Set[str]]:
         try:
             rec = json.loads(raw.decode("utf-8", "surrogateescape"))
         except (ValueError, RecursionError):  # RecursionError: '[[[[...' nested too deep
+            continue
+        if rec == ["c"]:
+            coordinated = True
             continue
         if not isinstance(rec, list) or not rec or rec[0] not in ("+", "-"):
             continue
@@ -270,13 +331,13 @@ def _parse_holds(data: bytes) -> Tuple[Set[str], Set[str]]:
                 paths[relpath] = None
             else:
                 identifiers.add(identifier[:40])
-    return set(paths), identifiers
+    return ParsedHolds(set(paths), identifiers, coordinated)
 
 
 def live_holds(cache: CacheDir, reap: bool = True) -> HoldsSnapshot:
     """Every live process's holds.  With ``reap``, delete files left by dead processes
     (where we may: in a sticky directory only their owners and root can)."""
-    live: List[Tuple[str, os.stat_result, Optional[Tuple[Set[str], Set[str]]], bool]] = []
+    live: List[Tuple[str, os.stat_result, Optional[ParsedHolds], bool]] = []
     fd_dir = cache.holds_fd
     if fd_dir is None:
         return HoldsSnapshot({}, {})
@@ -288,6 +349,7 @@ def live_holds(cache: CacheDir, reap: bool = True) -> HoldsSnapshot:
         found = _read_one(fd_dir, name, reap, cache)
         if found is not None:
             live.append((name, *found))
+    alive_elsewhere = _judged_by_coordinator(cache, live, reap)
     if not live:
         return HoldsSnapshot({}, {})
     pids = cachefs.flock_holders([st for _, st, _, _ in live]) or {}
@@ -296,23 +358,63 @@ def live_holds(cache: CacheDir, reap: bool = True) -> HoldsSnapshot:
     identifiers: Dict[str, List[Holder]] = {}
     unreadable = []
     for name, st, held, here in live:
-        # A lock this host cannot see: a process of another host (or a dead one), host and
-        # pid unknown.
-        holder = Holder(cachefs.user_name(st.st_uid), host if here else "?",
-                        pids.get((st.st_dev, st.st_ino)) if here else None, name)
+        if here:
+            holder = Holder(cachefs.user_name(st.st_uid), host,
+                            pids.get((st.st_dev, st.st_ino)), name)
+        elif name in alive_elsewhere:  # the coordinator vouches: the host and pid it chose
+            holder = Holder(cachefs.user_name(st.st_uid), *_host_and_pid(name), name)
+        else:
+            # A lock this host cannot see: a process of another host (or a dead one), host
+            # and pid unknown.
+            holder = Holder(cachefs.user_name(st.st_uid), "?", None, name)
         if held is None:
             unreadable.append(holder)
             continue
-        for relpath in held[0]:
+        for relpath in held.paths:
             paths.setdefault(relpath, []).append(holder)
-        for identifier in held[1]:
+        for identifier in held.identifiers:
             identifiers.setdefault(identifier, []).append(holder)
     return HoldsSnapshot({k: tuple(v) for k, v in paths.items()},
                          {k: tuple(v) for k, v in identifiers.items()}, tuple(unreadable))
 
 
+def _judged_by_coordinator(cache: CacheDir, live: list, reap: bool) -> Set[str]:
+    """In a coordinated cache, drop from ``live`` the holds files whose lock this host could
+    take and whose process marked itself known to the coordinator but has no session there
+    (dead; reaped with ``reap``).  Returns the names the coordinator says are alive.
+    Without an answer from the server, every file is kept: nothing is proven dead."""
+    registration = registration_of(cache)
+    elsewhere = [entry for entry in live if not entry[3]]
+    if registration is None or not elsewhere:
+        return set()
+    try:
+        alive = coordinator_for(registration).live_tokens(entry[0] for entry in elsewhere)
+    except CoordinatorUnavailable as exc:
+        logger.debug("dtool-cache-manager: holds judged without the coordinator (%s)", exc)
+        return set()
+    for entry in elsewhere:
+        name, st, held, _ = entry
+        if name not in alive and held is not None and held.coordinated:
+            live.remove(entry)
+            if reap and cache.holds_fd is not None:
+                try:
+                    cachefs.unlink_entry(cache.holds_fd, name, same_as=st)
+                except OSError:
+                    pass  # someone else's, in a sticky directory: its owner or root reaps it
+    return alive
+
+
+def _host_and_pid(token: str) -> Tuple[str, Optional[int]]:
+    """The host and pid in a token ``<host>.<pid>.<8 hex>``, as its process's kernel knew
+    them (host names may hold dots)."""
+    parts = token.rsplit(".", 2)
+    if len(parts) == 3 and parts[1].isdigit() and len(parts[1]) < 10:
+        return parts[0], int(parts[1])
+    return "?", None
+
+
 def _read_one(dir_fd: int, name: str, reap: bool, cache: CacheDir
-              ) -> Optional[Tuple[os.stat_result, Optional[Tuple[Set[str], Set[str]]], bool]]:
+              ) -> Optional[Tuple[os.stat_result, Optional[ParsedHolds], bool]]:
     """(stat, (paths, identifiers) or None if unreadable, held on this host?) of a live holds
     file; None if it is dead, gone, or not a holds file at all (a link, a directory, a FIFO).
     A file whose lock we could take is dead only if no other host may use the cache: a lock
@@ -389,7 +491,19 @@ def owner_alive(cache: CacheDir, token: str) -> bool:
     except OSError:
         return False
     try:
-        return _is_alive(fd) or not is_single_host(cache)  # another host's lock is invisible
+        if _is_alive(fd):
+            return True
+        if is_single_host(cache):
+            return False
+        registration = registration_of(cache)
+        if registration is None:
+            return True  # another host's lock is invisible
+        try:
+            if coordinator_for(registration).live_tokens([token]):
+                return True
+        except CoordinatorUnavailable:
+            return True
+        return not _parse_holds(cachefs.read_at_most(fd, MAX_HOLDS_BYTES)).coordinated
     finally:
         os.close(fd)
 

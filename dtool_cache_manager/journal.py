@@ -254,6 +254,19 @@ class JournalWriter:
         if self._written > SEGMENT_BYTES and not self._pending:
             self._rotate()
 
+    @property
+    def removed(self) -> bool:
+        """Did someone remove the segment being written (another host that took this
+        process for dead while its coordinator session was lost, and folded it)?"""
+        return cachefs.removed_while_open(self._fd)
+
+    def start_again(self, token: str) -> None:
+        """Go on in a new journal under ``token`` (the holds file's new one).  The caller
+        must describe its items afresh: definitions stay with the old journal."""
+        self.token, self._seq = token, 0
+        self._open_segment()
+        self._manifests.clear()
+
     def _rotate(self) -> None:
         """Close this segment and open the next; then let the session fold what is done."""
         self._seq += 1

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .store import DatabaseError
+from . import cachefs
 from .cachefs import CacheDir
 from .store.diskindex import DiskIndex, IndexedFile
 from .errors import InvalidInput
@@ -297,6 +298,9 @@ class Summary:
     in_use_by: Tuple[HolderSummary, ...]
     datasets: Tuple[DatasetSummary, ...]
     lost_records: int  # accesses processes could not journal (full disk)
+    # A coordinated clean's files, kept for hosts that were cut off (docs/multi-host.rst).
+    trash_files: int = 0
+    trash_size_bytes: int = 0
 
 
 def summarize(cache_dir: str, now: Optional[float] = None, full_rescan: bool = False) -> Summary:
@@ -316,6 +320,7 @@ def summary_of(index: Indexed, now: Optional[float] = None) -> Summary:
     recent = [disk.count_accessed_since(now - limit) for _, limit in AGE_BUCKETS]
     held = held_files(disk, live_holds(index.cache))
     lost = ledger.lost_records()
+    trash_files, trash_bytes = cachefs.trash_usage(index.cache)
     num_items = sum(d.num_files for d in dirs)
     num_untracked = sum(d.num_untracked for d in dirs)
     ages = {name: n - previous
@@ -348,6 +353,8 @@ def summary_of(index: Indexed, now: Optional[float] = None) -> Summary:
                                                    key=lambda kv: (kv[0].user, kv[0].pid))),
         datasets=datasets,
         lost_records=lost,
+        trash_files=trash_files,
+        trash_size_bytes=trash_bytes,
     )
 
 

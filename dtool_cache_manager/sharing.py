@@ -20,15 +20,23 @@ Which filesystems are local comes from Linux's ``fstatfs`` (:mod:`facilities`). 
 platform cannot tell (macOS, a sandbox that denies the call), the filesystem is unknown,
 which counts as possibly shared: the safe side.  A local disk this host exports to others
 (an NFS server's own view) looks local: such a cache must not be declared, and needs a
-coordinator shared by every host (``docs/design.rst``).
+coordinator shared by every host (``docs/multi-host.rst``).
+
+A cache registered with a coordinator (``dtool cache init --database URL``) is
+*coordinated*: the declaration then names the PostgreSQL server that every process, user
+and host of the cache uses for holds and liveness (:mod:`~dtool_cache_manager.store.
+coordinator`), and removals go through it.  The URL never holds a password.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import stat
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -38,9 +46,68 @@ from .errors import CacheManagerError, InvalidInput
 
 DECLARATION = "sharing.json"  # in the bookkeeping directory
 SINGLE_HOST = "single-host"
+COORDINATED = "coordinated"
 MAX_DECLARATION_BYTES = 4096
-HOW_TO_DECLARE = ("if only this host uses it, its owner can say so: "
-                  "dtool cache init --single-host")
+HOW_TO_DECLARE = ("its owner can register a coordinator (dtool cache init --database "
+                  "postgresql://HOST/DB) or, if only this host uses it, say so "
+                  "(dtool cache init --single-host)")
+DEFAULT_SESSION_TIMEOUT = 30  # seconds until the server drops a silent host's session
+DEFAULT_GRACE_SECONDS = 600  # seconds a cleaned file stays in the trash
+MAX_URL_CHARS = 1024
+
+
+@dataclass(frozen=True)
+class Registration:
+    """The coordinator of a cache, as its owner registered it (see :func:`check_url`)."""
+
+    database: str  # a libpq URL without a password
+    cache_id: str  # 32 hex digits: the cache's namespace of lock keys on the server
+    session_timeout: int  # the bound on noticing a silent host (keepalives, user timeout)
+    grace_seconds: int  # how long a cleaned file waits in the trash before it is purged
+
+    def to_json(self) -> dict:
+        return {"database": self.database, "cache_id": self.cache_id,
+                "session_timeout": self.session_timeout, "grace_seconds": self.grace_seconds}
+
+    @staticmethod
+    def from_json(data: dict) -> Optional["Registration"]:
+        """The registration in a declaration, or None if any field is not what we write."""
+        database, cache_id = data.get("database"), data.get("cache_id")
+        timeout, grace = data.get("session_timeout"), data.get("grace_seconds")
+        if not isinstance(database, str) or url_problem(database) is not None:
+            return None
+        if not isinstance(cache_id, str) or not re.fullmatch(r"[0-9a-f]{32}", cache_id):
+            return None
+        if not _whole(timeout, 2, 3600) or not _whole(grace, 1, 30 * 86400):
+            return None
+        assert isinstance(timeout, int) and isinstance(grace, int)  # _whole said so
+        return Registration(database, cache_id, timeout, grace)
+
+
+def _whole(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def url_problem(url: str) -> Optional[str]:
+    """Why ``url`` cannot be a coordinator's address (None: it can).  A URL is written into
+    the cache, where every member reads it: it must not carry a password (credentials come
+    from ``~/.pgpass``, ``PGPASSFILE``, peer or GSSAPI authentication)."""
+    if len(url) > MAX_URL_CHARS or any(ord(c) < 32 or c.isspace() for c in url):
+        return "it must be one line, without spaces, of at most 1024 characters"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        password = parts.password
+        query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+    except ValueError as exc:
+        return f"it is not a URL ({exc})"
+    if parts.scheme not in ("postgresql", "postgres"):
+        return "it must start with postgresql://"
+    if password is not None or "password" in query:
+        return ("it must not contain a password: every member can read it; use ~/.pgpass, "
+                "PGPASSFILE, peer or GSSAPI authentication")
+    if parts.fragment:
+        return "it must not have a fragment ('#...')"
+    return None
 
 
 class PossiblyShared(InvalidInput):
@@ -54,17 +121,22 @@ class Sharing:
 
     filesystem: Optional[str]  # as Linux names it ("ext2/3/4", "nfs", "fuse"); None: unknown
     local: bool  # a filesystem only this host's kernel serves
-    declared: Optional[str]  # SINGLE_HOST, or None
+    declared: Optional[str]  # SINGLE_HOST, COORDINATED, or None
     declared_by: Optional[str]  # the declaration file's owner, as the kernel says
     declared_at: Optional[float]
+    registration: Optional[Registration] = None  # the coordinator, when COORDINATED
 
     @property
     def single_host(self) -> bool:
-        return self.local or self.declared == SINGLE_HOST
+        """Are this host's locks and liveness the whole truth?  Not in a coordinated cache,
+        even on a local disk: there the coordinator is."""
+        return self.registration is None and (self.local or self.declared == SINGLE_HOST)
 
     @property
     def mode(self) -> str:
-        """``local``, ``single-host`` (declared) or ``possibly-shared``."""
+        """``coordinated``, ``local``, ``single-host`` (declared) or ``possibly-shared``."""
+        if self.registration is not None:
+            return COORDINATED
         if self.local:
             return "local"
         return SINGLE_HOST if self.declared == SINGLE_HOST else "possibly-shared"
@@ -88,7 +160,8 @@ class Sharing:
     def to_json(self) -> dict:
         return {"mode": self.mode, "filesystem": self.filesystem, "local": self.local,
                 "declared": self.declared, "declared_by": self.declared_by,
-                "declared_at": self.declared_at}
+                "declared_at": self.declared_at,
+                "coordinator": self.registration.to_json() if self.registration else None}
 
 
 def filesystem_of(cache: CacheDir) -> Tuple[Optional[str], bool]:
@@ -102,11 +175,25 @@ def filesystem_of(cache: CacheDir) -> Tuple[Optional[str], bool]:
 
 
 def sharing_of(cache: CacheDir) -> Sharing:
+    """What is known now (read afresh; :func:`known_sharing` remembers it per open cache)."""
     name, local = filesystem_of(cache)
     declared = _read_declaration(cache)
     if declared is None:
         return Sharing(name, local, None, None, None)
     return Sharing(name, local, *declared)
+
+
+def known_sharing(cache: CacheDir) -> Sharing:
+    """:func:`sharing_of`, looked up once per open cache: holds ask for every file whose
+    lock they could take (dead here, or alive on another host), hooks at every fetch."""
+    if not isinstance(cache.sharing_memo, Sharing):
+        cache.sharing_memo = sharing_of(cache)
+    return cache.sharing_memo
+
+
+def registration_of(cache: CacheDir) -> Optional[Registration]:
+    """The cache's coordinator, if it has one."""
+    return known_sharing(cache).registration if cache.exists else None
 
 
 def sharing_at(path: str) -> Optional[Sharing]:
@@ -119,21 +206,22 @@ def sharing_at(path: str) -> Optional[Sharing]:
 
 
 def is_single_host(cache: CacheDir) -> bool:
-    """Does only this host use the cache?  Looked up once per open cache: holds ask it for
-    every file whose lock they could take (dead here, or alive on another host)."""
-    if cache.single_host is None:
-        cache.single_host = sharing_of(cache).single_host
-    return cache.single_host
+    """Are this host's locks and liveness the whole truth about the cache?"""
+    return known_sharing(cache).single_host
 
 
 def require_single_host(cache: CacheDir) -> None:
-    """Refuse (:class:`PossiblyShared`) to remove anything from a cache other hosts may use."""
-    if not is_single_host(cache):
-        raise PossiblyShared(sharing_of(cache).refusal(cache.path))
+    """Refuse (:class:`PossiblyShared`) to remove anything from a cache other hosts may use,
+    unless it has a coordinator (which the caller must then reach)."""
+    found = known_sharing(cache)
+    if not found.single_host and found.registration is None:
+        raise PossiblyShared(found.refusal(cache.path))
 
 
-def _read_declaration(cache: CacheDir) -> Optional[Tuple[str, str, Optional[float]]]:
-    """(mode, owner's name, time) from the declaration, or None if there is none we trust."""
+def _read_declaration(cache: CacheDir
+                      ) -> Optional[Tuple[str, str, Optional[float], Optional[Registration]]]:
+    """(mode, owner's name, time, registration) from the declaration, or None if there is
+    none we trust."""
     if cache.meta_fd is None or cache.unsafe is not None:
         return None
     try:
@@ -149,11 +237,16 @@ def _read_declaration(cache: CacheDir) -> Optional[Tuple[str, str, Optional[floa
         return None
     finally:
         os.close(fd)
-    if not isinstance(data, dict) or data.get("mode") != SINGLE_HOST:
+    if not isinstance(data, dict) or data.get("mode") not in (SINGLE_HOST, COORDINATED):
         return None
+    registration = None
+    if data["mode"] == COORDINATED:
+        registration = Registration.from_json(data)
+        if registration is None:
+            return None
     at = data.get("declared_at")
     at = float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) else None
-    return SINGLE_HOST, cachefs.user_name(st.st_uid), at
+    return data["mode"], cachefs.user_name(st.st_uid), at, registration
 
 
 def declare_at(path: str, single_host: bool) -> None:
@@ -162,19 +255,42 @@ def declare_at(path: str, single_host: bool) -> None:
         declare(cache, single_host)
 
 
-def declare(cache: CacheDir, single_host: bool) -> None:
-    """Write (or, with ``single_host`` False, remove) the declaration.  Only the
-    bookkeeping's owner or root may: :class:`InvalidInput` otherwise; a filesystem error
-    is one :class:`CacheManagerError`."""
+def new_registration(cache: CacheDir, database: str, session_timeout: int,
+                     grace_seconds: int) -> Registration:
+    """A registration for ``cache`` (keeping its lock namespace if it had a coordinator),
+    or :class:`InvalidInput` saying what is wrong with the values."""
+    problem = url_problem(database)
+    if problem is not None:
+        raise InvalidInput(f"cannot use that URL as the coordinator: {problem}")
+    if not _whole(session_timeout, 2, 3600):
+        raise InvalidInput("--session-timeout must be between 2 and 3600 seconds")
+    if not _whole(grace_seconds, 1, 30 * 86400) or grace_seconds <= 2 * session_timeout:
+        raise InvalidInput(f"--grace must be more than twice the session timeout "
+                           f"({2 * session_timeout} s), and at most 30 days: a file cleaned "
+                           f"from under a cut-off host stays readable that long")
+    before = sharing_of(cache).registration
+    cache_id = before.cache_id if before is not None else secrets.token_hex(16)
+    return Registration(database, cache_id, session_timeout, grace_seconds)
+
+
+def declare(cache: CacheDir, single_host: bool,
+            registration: Optional[Registration] = None) -> None:
+    """Write the declaration: single host, or ``registration`` (its coordinator); with
+    neither, remove it.  Only the bookkeeping's owner or root may: :class:`InvalidInput`
+    otherwise; a filesystem error is one :class:`CacheManagerError`."""
     if cache.meta_fd is None or not cache.can_write_meta:
         owner = cachefs.user_name(cache.meta_stat.st_uid if cache.meta_stat else None)
         raise InvalidInput(f"only the owner of {cache.meta_path} ({owner}) or root may "
                            "declare how the cache is shared")
     if cache.unsafe is not None:
         raise InvalidInput(f"cannot declare how the cache is shared: {cache.unsafe}")
-    body = json.dumps({"version": 1, "mode": SINGLE_HOST, "declared_at": time.time()})
+    declaration = {"version": 1, "mode": SINGLE_HOST, "declared_at": time.time()}
+    if registration is not None:
+        declaration.update(mode=COORDINATED, **registration.to_json())
+    body = json.dumps(declaration)
+    cache.sharing_memo = None
     try:
-        if single_host:
+        if single_host or registration is not None:
             cachefs.replace_file(cache.meta_fd, DECLARATION, body.encode() + b"\n",
                                  cachefs.OWN_FILE_MODE)
         else:

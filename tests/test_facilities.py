@@ -4,7 +4,7 @@ the filesystem types they sort, and the words a refusal uses for each."""
 import os
 
 from dtool_cache_manager import facilities
-from dtool_cache_manager.sharing import SINGLE_HOST, Sharing
+from dtool_cache_manager.sharing import COORDINATED, SINGLE_HOST, Registration, Sharing
 
 
 def test_this_hosts_temporary_directory_is_a_known_local_filesystem(tmp_path):
@@ -21,7 +21,7 @@ def test_no_type_is_both_local_and_shared():
     assert not set(facilities.LOCAL_FILESYSTEMS) & set(facilities.SHARED_FILESYSTEMS)
 
 
-def test_only_a_local_or_declared_cache_is_single_host():
+def test_only_a_local_or_declared_cache_without_a_coordinator_is_single_host():
     local = Sharing("ext2/3/4", True, None, None, None)
     nfs = Sharing("nfs", False, None, None, None)
     unknown = Sharing(None, False, None, None, None)
@@ -36,4 +36,9 @@ def test_only_a_local_or_declared_cache_is_single_host():
     assert odd.filesystem_text == "a filesystem not known to be local (type 0x1234)"
     refusal = nfs.refusal("/c")
     assert refusal.startswith("not removing anything: /c is on a network or FUSE") and \
-        refusal.endswith("dtool cache init --single-host") and "\n" not in refusal
+        "dtool cache init --database postgresql://" in refusal and \
+        refusal.endswith("(dtool cache init --single-host)") and "\n" not in refusal
+    # A coordinator makes this host's locks not the whole truth, even on a local disk.
+    registration = Registration("postgresql://db.example/dcm", "0" * 32, 30, 600)
+    coordinated = Sharing("ext2/3/4", True, COORDINATED, "root", 0.0, registration)
+    assert (coordinated.mode, coordinated.single_host) == (COORDINATED, False)

@@ -109,6 +109,22 @@ def _finish(children, timeout):
     return outputs
 
 
+def run_together(accessors, cleaners, seconds):
+    """Start both groups at once; (accessors' reports, cleaners' reports, seconds taken)."""
+    try:
+        for group in (accessors, cleaners):
+            group.wait_ready()
+        started = time.monotonic()
+        for group in (accessors, cleaners):
+            group.go()
+        access_out = [json.loads(out) for out in _finish(accessors, seconds + 300)]
+        clean_out = [json.loads(out) for out in _finish(cleaners, seconds + 300)]
+        return access_out, clean_out, time.monotonic() - started
+    finally:
+        accessors.kill_all()
+        cleaners.kill_all()
+
+
 def test_accessors_and_cli_cleaners_under_sustained_contention(http_dataset, cache_dir,
                                                                make_env):
     seconds = float(os.environ.get("DCM_STRESS_SECONDS", "60"))
@@ -129,18 +145,7 @@ def test_accessors_and_cli_cleaners_under_sustained_contention(http_dataset, cac
     accessors = Children(ACCESSOR, [(seconds, rng.randrange(1 << 30), *uris)
                                     for _ in range(N_ACCESSORS)], env)
     cleaners = Children(CLEANER, [(seconds, f"{retain}B")] * N_CLEANERS, env)
-    try:
-        for group in (accessors, cleaners):
-            group.wait_ready()
-        started = time.monotonic()
-        for group in (accessors, cleaners):
-            group.go()
-        access_out = [json.loads(out) for out in _finish(accessors, seconds + 240)]
-        clean_out = [json.loads(out) for out in _finish(cleaners, seconds + 240)]
-        elapsed = time.monotonic() - started
-    finally:
-        accessors.kill_all()
-        cleaners.kill_all()
+    access_out, clean_out, elapsed = run_together(accessors, cleaners, seconds)
 
     accesses = sum(o["accesses"] for o in access_out)
     passes = sum(o["passes"] for o in clean_out)

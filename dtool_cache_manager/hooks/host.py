@@ -361,15 +361,46 @@ def _fetch_single_flight(access: Access, plan: ItemPlan, dataset, identifier: st
         logger.debug("dtool-cache-manager: no fetch lock for %s (%r)", plan.abspath, exc)
     if not have_lock:  # outside the except block: the broker's error is not chained to ours
         return _timed_miss(access, dataset, identifier, original)
+    elsewhere = _fetch_lock_on_coordinator(cache, plan)
     try:
         if _is_hit(access, plan):  # another process fetched it while we waited
             return original(dataset, identifier)
         return _fetch_checked(access, plan, cache, dataset, identifier, original)
     finally:
         try:
+            if elsewhere is not None:
+                elsewhere.__exit__(None, None, None)
             locked.__exit__(None, None, None)
         except Exception as exc:  # noqa: BLE001
             _warn(f"could not release the fetch lock ({exc!r})")
+
+
+def _fetch_lock_on_coordinator(cache: "cachefs.CacheDir", plan: ItemPlan):
+    """In a cache with a coordinator, the item's fetch lock on the server as well (taken
+    after this host's, so that one process per host waits there): misses on several hosts
+    download once, and never into one ``.tmp`` at a time.  None (fail-open) without one."""
+    try:
+        from ..sharing import registration_of
+
+        registration = registration_of(cache)
+        if registration is None:
+            return None
+        from ..store.coordinator import coordinator_for
+
+        held = coordinator_for(registration).exclusive(
+            "fetch", plan.relpath, patience=FETCH_PATIENCE, progress=lambda: _partial_size(plan))
+        held.__enter__()
+        return held
+    except Exception as exc:  # noqa: BLE001
+        global _warned_no_fetch_lock
+        log = logger.debug if _warned_no_fetch_lock else logger.warning
+        _warned_no_fetch_lock = True
+        log("dtool-cache-manager: fetching %s without the coordinator's fetch lock, so "
+            "another host may fetch it at the same time (%s)", plan.abspath, exc)
+        return None
+
+
+_warned_no_fetch_lock = False  # once per process: then every miss would say it again
 
 
 def _partial_size(plan: ItemPlan) -> Optional[int]:

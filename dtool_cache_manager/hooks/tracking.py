@@ -24,7 +24,7 @@ from .hookspecs import hookimpl
 from ..facilities import after_fork_in_child
 from ..journal import JournalWriter, ManifestRecord
 from ..layout import current_identity
-from ..sharing import HOW_TO_DECLARE, sharing_of
+from ..sharing import HOW_TO_DECLARE, known_sharing
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +53,20 @@ class ProcessSession:
         self.journal = JournalWriter(cache, identity, self.holds.token,
                                      on_rotate=self._fold_finished_segments)
         self.items: Dict[Tuple[str, str], ItemState] = {}
-        _warn_if_possibly_shared(cache)
+        _coordinate_or_warn(cache, self)
 
+    def restore_if_reaped(self) -> None:
+        """The coordinator's session was lost and is back: if another host took this process
+        for dead meanwhile and removed its holds file and journal, make them again.  The
+        accesses journalled after that host folded the journal are lost (docs/multi-host)."""
+        if not (self.holds.removed or self.journal.removed):
+            return
+        logger.warning("dtool-cache-manager: another host took this process for dead while "
+                       "its session was lost; its holds and journal start again")
+        self.holds.start_again()
+        self.journal.start_again(self.holds.token)  # the old one is folded as a dead one's
+        for state in list(self.items.values()):
+            state.number = None  # described again at its next access
 
     def _fold_finished_segments(self) -> None:
         """The journal moved on to a new segment: fold the finished ones in and delete them,
@@ -81,11 +93,24 @@ class ProcessSession:
             logger.debug("dtool-cache-manager: journal left for later (%r)", exc)
 
 
-def _warn_if_possibly_shared(cache: cachefs.CacheDir) -> None:
-    """Once per process and cache: other hosts' holds are invisible here (see sharing)."""
+def _coordinate_or_warn(cache: cachefs.CacheDir, session: "ProcessSession") -> None:
+    """Once per process and cache: hold through the cache's coordinator, if it has one;
+    else warn if other hosts' holds are invisible here (see sharing)."""
     try:
-        found = sharing_of(cache)  # one fstatfs and one small read, at the first access
+        found = known_sharing(cache)  # one fstatfs and one small read, at the first access
     except Exception:  # noqa: BLE001 - a warning is not worth failing an access for
+        return
+    if found.registration is not None:
+        from ..store.coordinator import CoordinatorUnavailable, coordinator_for
+
+        try:
+            coordinator = coordinator_for(found.registration)
+            session.holds.coordinate(coordinator)
+            coordinator.on_reconnect.append(session.restore_if_reaped)
+        except CoordinatorUnavailable as exc:
+            logger.warning("dtool-cache-manager: %s; accesses are recorded, and this "
+                           "process's holds are kept by cleans on every host until it exits",
+                           exc)
         return
     if not found.single_host:
         logger.warning("dtool-cache-manager: %s is on %s: accesses are recorded, but holds "

@@ -7,15 +7,20 @@ asks it for operations (:class:`~dtool_cache_manager.store.ledger.Ledger`'s meth
 connection leaves it.  Its database errors reach callers as :data:`DatabaseError`, so
 that they need not import the driver either.
 
+The coordinator (:mod:`~dtool_cache_manager.store.coordinator`) is here too: a PostgreSQL
+server's advisory locks, for caches several hosts share; it is the only importer of psycopg.
+
 Locking
     SQLite in WAL mode: readers never block, one writer at a time, with a busy timeout.
-    Holds, gates and fetch locks are not here: see :mod:`~dtool_cache_manager.holds`.
+    Holds, gates and fetch locks are not here: see :mod:`~dtool_cache_manager.holds`.  In a
+    coordinated cache, every use of the ledger holds the coordinator's ledger lock.
 Performance
     Accesses never write here: processes append to journals, folded in batches by readers
     (see ``docs/performance.rst``).
 Filesystems
-    One host only: SQLite must not be used from several hosts at once (NFS, Lustre), so
-    a cache shared by several hosts needs a database server (see ``docs/reliability.rst``).
+    SQLite must not be used from several hosts at once (NFS, Lustre) in WAL mode: a cache
+    shared by several hosts has a coordinator, whose lock lets one process of one host at
+    a time open the ledger, kept with a rollback journal (``docs/multi-host.rst``).
 """
 
 import sqlite3

@@ -4,6 +4,13 @@ Why SQLite in WAL mode: readers never block the compactor or each other, a trans
 each batch of journal lines count exactly once (the journal offset is committed with the
 counts), and its rows are plain SQL that anyone can query.  The hot path never opens it; see
 :mod:`journal` and ``docs/design.rst``.
+
+In a cache with a coordinator, several hosts use the ledger, and WAL's shared memory does
+not reach across hosts.  There every use of the ledger holds the coordinator's ``ledger``
+lock from before SQLite opens the file until after it closes it, so that one process of
+one host at a time has it open, and the ledger keeps a rollback journal (``TRUNCATE``
+mode) instead of a WAL: opening after the previous user closed is what NFS's
+close-to-open consistency makes safe (``docs/multi-host.rst``).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import os
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
@@ -23,6 +30,8 @@ from ..cachefs import CacheDir
 from ..errors import CacheManagerError, UnsafeCache
 from ..layout import (from_db, is_item_relpath, resolve_cache_dir, row_ok, to_db,
                      user_at_host)
+from ..sharing import registration_of
+from .coordinator import coordinator_for
 
 logger = logging.getLogger(__name__)
 
@@ -504,7 +513,21 @@ class Ledger:
         self.cache = cache
         self.readonly = readonly
         self.timeout = timeout
-        self.conn = self._open()  # the store's alone: callers outside use the methods
+        self._coordination = ExitStack()  # the coordinator's ledger lock, if any
+        registration = registration_of(cache)
+        self.coordinated = registration is not None
+        if registration is not None:  # raises CoordinatorUnavailable or CoordinatorBusy
+            self._coordination.enter_context(
+                coordinator_for(registration).exclusive("ledger", patience=timeout))
+        try:
+            self.conn = self._open()  # the store's alone: callers outside use the methods
+        except BaseException:
+            self._coordination.close()
+            raise
+
+    @property
+    def _journal_mode(self) -> str:
+        return "TRUNCATE" if self.coordinated else "WAL"
 
     @property
     def index(self) -> diskindex.DiskIndex:
@@ -572,6 +595,8 @@ class Ledger:
         conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=self.timeout,
                                isolation_level=None, check_same_thread=False)
         try:
+            if self.coordinated:  # a WAL ledger from before the coordinator: alone, switch
+                conn.execute("PRAGMA journal_mode=TRUNCATE")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             conn.execute("BEGIN IMMEDIATE")  # creators and upgraders take turns
@@ -595,7 +620,7 @@ class Ledger:
         tmp = f"{cachefs.LEDGER}.new-{os.getpid()}-{threading.get_ident()}"
         conn = sqlite3.connect(os.path.join(self.cache.meta_path, tmp), isolation_level=None)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")  # recorded in the file: persists
+            conn.execute(f"PRAGMA journal_mode={self._journal_mode}")  # persists
             conn.execute("BEGIN IMMEDIATE")
             self._version(conn)
             conn.execute("COMMIT")
@@ -611,7 +636,7 @@ class Ledger:
         except FileExistsError:
             pass  # another process won; use theirs
         finally:
-            for suffix in ("", "-wal", "-shm"):
+            for suffix in ("", "-wal", "-shm", "-journal"):
                 try:
                     cachefs.unlink_entry(meta_fd, tmp + suffix)
                 except OSError:
@@ -624,7 +649,7 @@ class Ledger:
         cache = self.cache
         if cache.meta_fd is None or not cache.can_write_meta or not cache.shared:
             return
-        for name in LEDGER_FILES[1:]:
+        for name in (cachefs.ROLLBACK_JOURNAL,) if self.coordinated else cachefs.WAL_FILES:
             try:
                 os.close(cachefs.create_file(cache.meta_fd, name, cache.infra_mode))
             except FileExistsError:
@@ -673,9 +698,12 @@ class Ledger:
                               f"understands ({SCHEMA_VERSION}); upgrade dtool-cache-manager")
 
     def close(self) -> None:
-        self.conn.close()
-        if not self.readonly:
-            self._keep_wal_files()
+        try:
+            self.conn.close()
+            if not self.readonly:
+                self._keep_wal_files()
+        finally:
+            self._coordination.close()  # only once SQLite let go of the file
 
     def __enter__(self) -> "Ledger":
         return self

@@ -27,6 +27,13 @@ class Children:
             for argv in argvs
         ]
 
+    @classmethod
+    def of(cls, procs):
+        """Children already started some other way (in a simulated host, say)."""
+        group = cls.__new__(cls)
+        group.procs = list(procs)
+        return group
+
     def wait_ready(self):
         for proc in self.procs:
             line = proc.stdout.readline()

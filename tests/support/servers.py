@@ -89,19 +89,21 @@ class _DtoolHandler(SimpleHTTPRequestHandler):
 
 
 class CountingDtoolHTTPServer(ThreadingHTTPServer):
-    """HTTP server on 127.0.0.1:<ephemeral> serving a directory of dtool datasets.
+    """HTTP server on ``host`` (127.0.0.1 unless given) serving a directory of dtool datasets.
 
     Counts GET requests per (unquoted) URL path so tests can prove an item was
     downloaded exactly once.  Set ``slow_item_bytes_per_s`` to throttle bodies.
+    Simulated hosts cannot reach the root namespace's 127.0.0.1: serve them on the
+    bridge address (``support.hosts.Network.server_address``).
     """
 
     daemon_threads = True
 
-    def __init__(self, directory):
+    def __init__(self, directory, host=HOST):
         handler = functools.partial(_DtoolHandler, directory=str(directory))
-        super().__init__((HOST, 0), handler)
+        super().__init__((host, 0), handler)
         self.directory = str(directory)
-        self.base_url = f"http://{HOST}:{self.server_address[1]}"
+        self.base_url = f"http://{host}:{self.server_address[1]}"
         self.slow_item_bytes_per_s = None
         self._counts = collections.Counter()
         self._lock = threading.Lock()
