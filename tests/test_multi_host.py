@@ -265,6 +265,10 @@ def test_a_hold_is_seen_and_kept_by_another_host_and_ends_when_its_process_is_ki
         holder.kill()
         holder.wait()
     assert in_use(cluster, "host-b") == {}
+    # What the killed process journalled counts (its journal folded on another host): the
+    # fetching process's access and its own; a crash loses at most a line being written.
+    listed = json.loads(cluster.dtool("host-b", "ls", "--json").stdout)
+    assert [(i["identifier"], i["access_count"]) for i in listed] == [(held, 2)]
     cluster.dtool("host-b", "clean", "--all", "--yes")
     assert cluster.disk() == set()
 
