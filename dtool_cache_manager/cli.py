@@ -379,14 +379,14 @@ def autoclean_command(cache_dir, as_json):
                    "using the cache: postgresql://[USER@]HOST[:PORT]/DB, without a password "
                    "(use ~/.pgpass, PGPASSFILE, peer or GSSAPI).")
 @click.option("--no-database", is_flag=True, help="Withdraw the coordinator's registration.")
-@click.option("--session-timeout", type=click.IntRange(2, 3600),
-              default=sharing.DEFAULT_SESSION_TIMEOUT, show_default=True, metavar="SECONDS",
+@click.option("--session-timeout", type=click.IntRange(2, 3600), metavar="SECONDS",
               help="With --database: how long the server waits for a silent host before it "
-                   "drops its sessions, and with them its holds.")
-@click.option("--grace", type=click.IntRange(1, 30 * 86400),
-              default=sharing.DEFAULT_GRACE_SECONDS, show_default=True, metavar="SECONDS",
+                   f"drops its sessions, and with them its holds (default "
+                   f"{sharing.DEFAULT_SESSION_TIMEOUT}).")
+@click.option("--grace", type=click.IntRange(1, 30 * 86400), metavar="SECONDS",
               help="With --database: how long a cleaned file stays in the trash, readable "
-                   "by a host that was cut off (more than twice the session timeout).")
+                   "by a host that was cut off (more than twice the session timeout; default "
+                   f"{sharing.DEFAULT_GRACE_SECONDS}).")
 def init_command(cache_dir, as_json, single_host, database, no_database, session_timeout,
                  grace):
     """Show which hosts may use the cache, or declare how they share it.
@@ -404,11 +404,15 @@ def init_command(cache_dir, as_json, single_host, database, no_database, session
                                        ("--no-database", no_database)) if given]
     if len(chosen) > 1:
         raise BadInput(f"{' and '.join(chosen)} cannot be used together")
+    if database is None and (session_timeout is not None or grace is not None):
+        raise BadInput("--session-timeout and --grace go with --database")
     directory = _cache_directory(cache_dir, must_exist=True)
     before = _sharing(directory)
     assert before is not None  # the directory exists: checked above
     if database is not None:
-        _guarded(api.register_coordinator, database, directory, session_timeout, grace)
+        _guarded(api.register_coordinator, database, directory,
+                 session_timeout or sharing.DEFAULT_SESSION_TIMEOUT,
+                 grace or sharing.DEFAULT_GRACE_SECONDS)
     elif no_database:
         if before.declared == sharing.SINGLE_HOST:
             raise BadInput(f"{directory} has no coordinator: it is declared single-host "

@@ -58,7 +58,7 @@ MAX_URL_CHARS = 1024
 
 @dataclass(frozen=True)
 class Registration:
-    """The coordinator of a cache, as its owner registered it (see :func:`check_url`)."""
+    """The coordinator of a cache, as its owner registered it (see :func:`url_problem`)."""
 
     database: str  # a libpq URL without a password
     cache_id: str  # 32 hex digits: the cache's namespace of lock keys on the server

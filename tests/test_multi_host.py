@@ -11,6 +11,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -473,3 +474,54 @@ def test_four_hosts_of_accessors_and_two_cleaning_hosts_under_sustained_contenti
         for key, n in o["counts"].items():
             done[key] = done.get(key, 0) + n
     assert {f"{uri} {ident}": n for uri, ident, n in usage} == done, figures
+
+
+def test_init_registers_a_coordinator_and_refuses_what_it_cannot_use(pg, datasets, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    env = subprocess_env(cache)
+
+    def init(*args, expect=0):
+        done = subprocess.run(["dtool", "cache", "init", *map(str, args)], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == expect, (args, done.stdout, done.stderr)
+        return done
+
+    url = pg.url("127.0.0.1", db="dcm")
+    ds = make_dataset(datasets, {"w.txt": b"w" * 50})
+    subprocess.run([sys.executable, "-c", FETCH, ds.uri, *ds.identifiers], env=env,
+                   check=True, capture_output=True)  # a WAL ledger, from before
+    declaration = cache / ".dtool-cache-manager" / "sharing.json"
+    secret = url.replace("postgres@", "postgres:hunter2@")
+    for args, expect, said in [
+            (["--database", secret], 2, "must not contain a password"),
+            (["--database", "mysql://db/x"], 2, "must start with postgresql://"),
+            (["--database", url.replace(str(pg.port), "1")], 1, "cannot reach"),
+            (["--database", url, "--session-timeout", 30, "--grace", 60], 2, "more than twice"),
+            (["--database", url, "--single-host"], 2, "cannot be used together"),
+            (["--grace", 100], 2, "go with --database")]:
+        done = init(*args, expect=expect)
+        assert done.stderr.count("\n") == 1 and said in done.stderr, done.stderr
+        assert "hunter2" not in done.stderr and not declaration.exists()
+
+    shown = json.loads(init("--database", url, "--json").stdout)
+    assert shown["mode"] == "coordinated" and shown["coordinator"]["database"] == url
+    cache_id = shown["coordinator"]["cache_id"]
+    ledger = str(cache / ".dtool-cache-manager" / "ledger.sqlite3")
+    conn = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
+    try:  # switched from WAL under the coordinator's lock, rows kept
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal"
+        assert conn.execute("SELECT count(*) FROM items").fetchone()[0] == 1
+    finally:
+        conn.close()
+    with open(ledger, "rb") as fh:
+        assert fh.read(20)[18:20] == b"\x01\x01"  # file format: rollback journal, not WAL
+    assert (cache / ".dtool-cache-manager" / "trash").is_dir()
+    # Registering again (a new URL or timeouts) keeps the cache's lock namespace.
+    again = json.loads(init("--database", url, "--session-timeout", 10, "--json").stdout)
+    assert again["coordinator"]["cache_id"] == cache_id
+    assert again["coordinator"]["session_timeout"] == 10
+    assert "has a coordinator" in init("--single-host", expect=2).stderr
+    assert "possibly several" not in init().stdout
+    assert json.loads(init("--no-database", "--json").stdout)["coordinator"] is None
+    assert not declaration.exists()

@@ -595,8 +595,8 @@ class Ledger:
         conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=self.timeout,
                                isolation_level=None, check_same_thread=False)
         try:
-            if self.coordinated:  # a WAL ledger from before the coordinator: alone, switch
-                conn.execute("PRAGMA journal_mode=TRUNCATE")
+            if self.coordinated:  # per connection (only WAL is recorded in the file); a
+                conn.execute("PRAGMA journal_mode=TRUNCATE")  # WAL ledger switches here
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             conn.execute("BEGIN IMMEDIATE")  # creators and upgraders take turns
@@ -620,7 +620,7 @@ class Ledger:
         tmp = f"{cachefs.LEDGER}.new-{os.getpid()}-{threading.get_ident()}"
         conn = sqlite3.connect(os.path.join(self.cache.meta_path, tmp), isolation_level=None)
         try:
-            conn.execute(f"PRAGMA journal_mode={self._journal_mode}")  # persists
+            conn.execute(f"PRAGMA journal_mode={self._journal_mode}")  # WAL: in the file
             conn.execute("BEGIN IMMEDIATE")
             self._version(conn)
             conn.execute("COMMIT")
