@@ -367,12 +367,12 @@ def _fetch_single_flight(access: Access, plan: ItemPlan, dataset, identifier: st
             return original(dataset, identifier)
         return _fetch_checked(access, plan, cache, dataset, identifier, original)
     finally:
-        try:
-            if elsewhere is not None:
-                elsewhere.__exit__(None, None, None)
-            locked.__exit__(None, None, None)
-        except Exception as exc:  # noqa: BLE001
-            _warn(f"could not release the fetch lock ({exc!r})")
+        for held in (elsewhere, locked):  # each released even if the other fails
+            try:
+                if held is not None:
+                    held.__exit__(None, None, None)
+            except Exception as exc:  # noqa: BLE001
+                _warn(f"could not release the fetch lock ({exc!r})")
 
 
 def _fetch_lock_on_coordinator(cache: "cachefs.CacheDir", plan: ItemPlan):
