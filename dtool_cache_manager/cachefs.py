@@ -208,12 +208,20 @@ def unlink_entry(dir_fd: int, name: str, regular: bool = True,
     device and inode).  Unlinking never follows a link: a swap between the check and the
     unlink can only make us remove another entry of this same directory.
     """
+    st = _entry_to_remove(dir_fd, name, regular, same_as)
+    os.unlink(name, dir_fd=dir_fd)
+    return st
+
+
+def _entry_to_remove(dir_fd: int, name: str, regular: bool,
+                     same_as: Optional[os.stat_result]) -> os.stat_result:
+    """What ``name`` is, if it may be unlinked or moved away: Refused if it is not a
+    regular file (with ``regular``) or not the very file ``same_as``."""
     st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     if regular and not stat.S_ISREG(st.st_mode):
         raise Refused(errno.EINVAL, f"{name!r} is not a regular file")
     if same_as is not None and (st.st_dev, st.st_ino) != (same_as.st_dev, same_as.st_ino):
         raise Refused(errno.ESTALE, f"{name!r} was replaced meanwhile")
-    os.unlink(name, dir_fd=dir_fd)
     return st
 
 
@@ -222,11 +230,7 @@ def move_entry(dir_fd: int, name: str, to_fd: int, new_name: str,
     """Move the regular file ``name`` (with ``same_as``, only that very file) to
     ``new_name`` in the verified directory ``to_fd`` on the same filesystem; returns what it
     was.  As :func:`unlink_entry`, a swap can only make us move another entry of ``dir_fd``."""
-    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    if not stat.S_ISREG(st.st_mode):
-        raise Refused(errno.EINVAL, f"{name!r} is not a regular file")
-    if same_as is not None and (st.st_dev, st.st_ino) != (same_as.st_dev, same_as.st_ino):
-        raise Refused(errno.ESTALE, f"{name!r} was replaced meanwhile")
+    st = _entry_to_remove(dir_fd, name, True, same_as)
     os.rename(name, new_name, src_dir_fd=dir_fd, dst_dir_fd=to_fd)
     return st
 

@@ -435,14 +435,14 @@ def _sharing(directory: str) -> Optional[sharing.Sharing]:
 def _require_single_host(directory: str) -> None:
     """Refuse a removal, before any work, where other hosts may use the cache."""
     found = _sharing(directory)
-    if found is not None and not found.single_host and found.registration is None:
+    if found is not None and found.possibly_shared:
         raise BadInput(found.refusal(directory))
 
 
 def _note_other_hosts(directory: str) -> None:
     """Say, after a listing, that what other hosts do is not in it."""
     found = _sharing(directory)
-    if found is not None and not found.single_host and found.registration is None:
+    if found is not None and found.possibly_shared:
         click.echo(f"Note: {directory} is on {found.filesystem_text}: other hosts' use of "
                    f"it is not shown, and nothing is removed from it; {sharing.HOW_TO_DECLARE}.",
                    err=True)

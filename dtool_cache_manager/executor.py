@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import cachefs
 from .cachefs import CacheDir, Refused
@@ -37,8 +37,8 @@ from .layout import is_item_relpath
 from .store import DatabaseError
 from .store.ledger import ItemRow, Ledger, Removed, open_ledger
 from .rangelock import GateBusy, open_range_lock
-from .sharing import registration_of, require_single_host
-from .store.coordinator import Coordinator, CoordinatorBusy, coordinator_for
+from .sharing import require_single_host
+from .store.coordinator import Coordinator, CoordinatorBusy, coordinator_of
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +64,7 @@ def require_safe_holds(cache: CacheDir) -> None:
     nothing), and without the gate a hold could slip in between the check and the unlink:
     then refuse to remove anything."""
     require_single_host(cache)
-    registration = registration_of(cache)
-    if registration is not None:
-        coordinator_for(registration)  # CoordinatorUnavailable: one line, nothing removed
+    coordinator_of(cache)  # CoordinatorUnavailable: one line, nothing removed
     if cache.holds_unsafe is not None:
         raise UnsafeCache(f"not removing anything: {cache.holds_unsafe}")
     try:
@@ -135,8 +133,9 @@ class Coordination:
     the claimed ones to the trash, stamped by the server's clock; the trash is purged of
     what waited longer than the grace period when it opens."""
 
-    def __init__(self, cache: CacheDir, coordinator: Coordinator, grace_seconds: int):
+    def __init__(self, cache: CacheDir, coordinator: Coordinator):
         self.coordinator = coordinator
+        grace_seconds = coordinator.registration.grace_seconds
         fd = cachefs.open_trash(cache)
         if fd is None:
             raise UnsafeCache(f"not removing anything: {cache.meta_path}/{cachefs.TRASH} is "
@@ -148,12 +147,6 @@ class Coordination:
         if files:
             logger.info("dtool-cache-manager: purged %d files (%d bytes) cleaned more than "
                         "%d s ago from the trash", files, size, grace_seconds)
-
-    def claim(self, relpaths: Sequence[str]) -> set:
-        return self.coordinator.claim(relpaths)
-
-    def unclaim(self, relpaths: Iterable[str]) -> None:
-        self.coordinator.unclaim(relpaths)
 
     def move_to_trash(self, dir_fd: int, name: str,
                       same_as: Optional[os.stat_result] = None) -> os.stat_result:
@@ -167,10 +160,8 @@ class Coordination:
 
 def open_coordination(cache: CacheDir) -> Optional[Coordination]:
     """The coordination of a removal from ``cache``; None if it has no coordinator."""
-    registration = registration_of(cache)
-    if registration is None:
-        return None
-    return Coordination(cache, coordinator_for(registration), registration.grace_seconds)
+    coordinator = coordinator_of(cache)
+    return None if coordinator is None else Coordination(cache, coordinator)
 
 
 def _dispose(coordination: Optional[Coordination], dir_fd: int, name: str, relpath: str,
@@ -195,12 +186,12 @@ def _claimed(coordination: Optional[Coordination], relpaths: Sequence[str]
     if coordination is None:
         yield None
         return
-    claimed = coordination.claim(relpaths)
+    claimed = coordination.coordinator.claim(relpaths)
     try:
         yield claimed
     finally:
         if claimed:
-            coordination.unclaim(claimed)
+            coordination.coordinator.unclaim(claimed)
 
 
 def forget_vanished(ledger: Ledger, rows: Sequence[ItemRow]) -> int:
@@ -499,12 +490,11 @@ def partial_is_stale(cache: CacheDir, relpath: str) -> bool:
 def _no_download_elsewhere(cache: CacheDir, relpath: str) -> Iterator[None]:
     """With a coordinator: hold the download lock of a partial's file on the server (a
     download on another host holds it); CoordinatorBusy if taken."""
-    registration = registration_of(cache)
-    if registration is None:
+    coordinator = coordinator_of(cache)
+    if coordinator is None:
         yield
         return
-    with coordinator_for(registration).exclusive("fetch", relpath[:-len(PARTIAL_SUFFIX)],
-                                                 patience=0.0):
+    with coordinator.exclusive("fetch", relpath[:-len(PARTIAL_SUFFIX)], patience=0.0):
         yield
 
 

@@ -205,7 +205,7 @@ def render_sharing(cache_dir: str, sharing: Sharing, as_json: bool) -> str:
     lines = [f"Cache directory: {show(cache_dir)}",
              f"Filesystem:      {sharing.filesystem or 'unknown'} ({kind})",
              *sharing_lines(sharing)]
-    if not sharing.single_host and sharing.registration is None:
+    if sharing.possibly_shared:
         lines.append(f"                 {HOW_TO_DECLARE}")
     return "\n".join(lines)
 

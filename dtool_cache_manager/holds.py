@@ -49,8 +49,8 @@ from . import cachefs
 from .cachefs import CacheDir, Refused
 from .layout import Identity, is_item_relpath, user_at_host
 from .rangelock import GateBusy, RangeLockFile, open_range_lock
-from .sharing import is_single_host, registration_of
-from .store.coordinator import Coordinator, CoordinatorUnavailable, coordinator_for
+from .sharing import is_single_host
+from .store.coordinator import Coordinator, CoordinatorUnavailable, coordinator_of
 
 logger = logging.getLogger(__name__)
 
@@ -383,12 +383,14 @@ def _judged_by_coordinator(cache: CacheDir, live: list, reap: bool) -> Set[str]:
     take and whose process marked itself known to the coordinator but has no session there
     (dead; reaped with ``reap``).  Returns the names the coordinator says are alive.
     Without an answer from the server, every file is kept: nothing is proven dead."""
-    registration = registration_of(cache)
     elsewhere = [entry for entry in live if not entry[3]]
-    if registration is None or not elsewhere:
+    if not elsewhere:
         return set()
     try:
-        alive = coordinator_for(registration).live_tokens(entry[0] for entry in elsewhere)
+        coordinator = coordinator_of(cache)
+        if coordinator is None:
+            return set()
+        alive = coordinator.live_tokens(entry[0] for entry in elsewhere)
     except CoordinatorUnavailable as exc:
         logger.debug("dtool-cache-manager: holds judged without the coordinator (%s)", exc)
         return set()
@@ -415,7 +417,7 @@ def _host_and_pid(token: str) -> Tuple[str, Optional[int]]:
 
 def _read_one(dir_fd: int, name: str, reap: bool, cache: CacheDir
               ) -> Optional[Tuple[os.stat_result, Optional[ParsedHolds], bool]]:
-    """(stat, (paths, identifiers) or None if unreadable, held on this host?) of a live holds
+    """(stat, what it holds or None if unreadable, held on this host?) of a live holds
     file; None if it is dead, gone, or not a holds file at all (a link, a directory, a FIFO).
     A file whose lock we could take is dead only if no other host may use the cache: a lock
     taken on another host does not reach this one (NFS, Lustre: see sharing)."""
@@ -495,12 +497,10 @@ def owner_alive(cache: CacheDir, token: str) -> bool:
             return True
         if is_single_host(cache):
             return False
-        registration = registration_of(cache)
-        if registration is None:
-            return True  # another host's lock is invisible
         try:
-            if coordinator_for(registration).live_tokens([token]):
-                return True
+            coordinator = coordinator_of(cache)
+            if coordinator is None or coordinator.live_tokens([token]):
+                return True  # without a coordinator another host's lock is invisible
         except CoordinatorUnavailable:
             return True
         return not _parse_holds(cachefs.read_at_most(fd, MAX_HOLDS_BYTES)).coordinated

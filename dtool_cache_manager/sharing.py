@@ -133,6 +133,12 @@ class Sharing:
         return self.registration is None and (self.local or self.declared == SINGLE_HOST)
 
     @property
+    def possibly_shared(self) -> bool:
+        """Other hosts may use the cache, and nothing here can see their holds: no
+        coordinator, no declaration, not a local disk.  Removals refuse."""
+        return not self.single_host and self.registration is None
+
+    @property
     def mode(self) -> str:
         """``coordinated``, ``local``, ``single-host`` (declared) or ``possibly-shared``."""
         if self.registration is not None:
@@ -214,7 +220,7 @@ def require_single_host(cache: CacheDir) -> None:
     """Refuse (:class:`PossiblyShared`) to remove anything from a cache other hosts may use,
     unless it has a coordinator (which the caller must then reach)."""
     found = known_sharing(cache)
-    if not found.single_host and found.registration is None:
+    if found.possibly_shared:
         raise PossiblyShared(found.refusal(cache.path))
 
 

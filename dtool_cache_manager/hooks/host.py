@@ -380,14 +380,12 @@ def _fetch_lock_on_coordinator(cache: "cachefs.CacheDir", plan: ItemPlan):
     after this host's, so that one process per host waits there): misses on several hosts
     download once, and never into one ``.tmp`` at a time.  None (fail-open) without one."""
     try:
-        from ..sharing import registration_of
+        from ..store.coordinator import coordinator_of
 
-        registration = registration_of(cache)
-        if registration is None:
+        coordinator = coordinator_of(cache)
+        if coordinator is None:
             return None
-        from ..store.coordinator import coordinator_for
-
-        held = coordinator_for(registration).exclusive(
+        held = coordinator.exclusive(
             "fetch", plan.relpath, patience=FETCH_PATIENCE, progress=lambda: _partial_size(plan))
         held.__enter__()
         return held

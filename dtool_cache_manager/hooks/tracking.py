@@ -112,7 +112,7 @@ def _coordinate_or_warn(cache: cachefs.CacheDir, session: "ProcessSession") -> N
                            "process's holds are kept by cleans on every host until it exits",
                            exc)
         return
-    if not found.single_host:
+    if found.possibly_shared:
         logger.warning("dtool-cache-manager: %s is on %s: accesses are recorded, but holds "
                        "do not reach other hosts, so nothing is cleaned from it; %s",
                        cache.path, found.filesystem_text, HOW_TO_DECLARE)

@@ -46,9 +46,10 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set
 
+from ..cachefs import CacheDir
 from ..errors import CacheManagerError
 from ..facilities import after_fork_in_child
-from ..sharing import Registration
+from ..sharing import Registration, registration_of
 
 logger = logging.getLogger(__name__)
 
@@ -427,6 +428,12 @@ def coordinator_for(registration: Registration) -> Coordinator:
             _unreachable.pop(registration.cache_id, None)
             _sessions[registration.cache_id] = found
         return found
+
+
+def coordinator_of(cache: CacheDir) -> Optional[Coordinator]:
+    """:func:`coordinator_for` the cache's registration; None if it has no coordinator."""
+    registration = registration_of(cache)
+    return None if registration is None else coordinator_for(registration)
 
 
 def check_server(registration: Registration) -> str:

@@ -30,8 +30,7 @@ from ..cachefs import CacheDir
 from ..errors import CacheManagerError, UnsafeCache
 from ..layout import (from_db, is_item_relpath, resolve_cache_dir, row_ok, to_db,
                      user_at_host)
-from ..sharing import registration_of
-from .coordinator import coordinator_for
+from .coordinator import coordinator_of
 
 logger = logging.getLogger(__name__)
 
@@ -514,11 +513,11 @@ class Ledger:
         self.readonly = readonly
         self.timeout = timeout
         self._coordination = ExitStack()  # the coordinator's ledger lock, if any
-        registration = registration_of(cache)
-        self.coordinated = registration is not None
-        if registration is not None:  # raises CoordinatorUnavailable or CoordinatorBusy
+        coordinator = coordinator_of(cache)  # raises CoordinatorUnavailable
+        self.coordinated = coordinator is not None
+        if coordinator is not None:  # raises CoordinatorBusy
             self._coordination.enter_context(
-                coordinator_for(registration).exclusive("ledger", patience=timeout))
+                coordinator.exclusive("ledger", patience=timeout))
         try:
             self.conn = self._open()  # the store's alone: callers outside use the methods
         except BaseException:
